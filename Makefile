@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv data demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[dev,plots]'
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/python examples/make_digits_dataset.py --output examples/data/digits --size 32
+
+# Build the digits data set, train the tutorial CNN, classify the held-out test folder, score it.
+demo: data
+	$(BIN)/python jobs/train.py --config examples/configs/digits.yaml
+	rm -rf runs/digits/predictions
+	$(BIN)/python jobs/predict.py --model runs/digits/model --input examples/data/digits/test \
+		--output runs/digits/predictions
+	$(BIN)/python examples/score_predictions.py --predictions runs/digits/predictions \
+		--labelled examples/data/digits/test
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: data
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf runs bench/results .pytest_cache

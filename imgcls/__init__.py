@@ -1,0 +1,1 @@
+"""imgcls: distributed batch image classification on Ray."""

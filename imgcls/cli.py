@@ -1,0 +1,102 @@
+"""One command-line front for every job: `imgcls train|predict`.
+
+Exit codes a scheduler can alert on: 0 success, 2 user error (message, no traceback), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from imgcls.errors import UserError
+from imgcls.logging_setup import configure_logging
+
+logger = logging.getLogger("imgcls")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USER_ERROR = 2
+
+
+def _add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Override a config key (dotted, e.g. train.epochs=5); the value is parsed as YAML. Repeatable.",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgcls", description="Distributed image classification on Ray.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    train = verbs.add_parser("train", help="Train a classifier with Ray Train.")
+    train.add_argument("--config", required=True, help="YAML job config (see README, 'Config reference').")
+    _add_set_option(train)
+
+    predict = verbs.add_parser("predict", help="Classify a folder of images into Parquet.")
+    predict.add_argument("--model", required=True, help="Model artifact directory (a training run's output_dir/model).")
+    predict.add_argument("--input", required=True, help="Folder of images, read recursively.")
+    predict.add_argument("--output", required=True, help="Parquet dataset directory for the predictions.")
+    predict.add_argument("--top-k", type=int, default=None, help="Labels kept per image (default min(5, classes)).")
+    predict.add_argument("--batch-size", type=int, default=None, help="Images per model call (default 64).")
+    _add_set_option(predict)
+    return parser
+
+
+def _train(arguments: argparse.Namespace) -> None:
+    from imgcls import train
+    from imgcls.config import load_job_config
+
+    config = load_job_config(arguments.config, arguments.overrides)
+    result = train.run(config)
+    print(f"model {result.model_version} written to {result.artifact_uri}")
+
+
+def _predict(arguments: argparse.Namespace) -> None:
+    from imgcls import predict
+    from imgcls.config import PredictConfig, build_model, merge, parse_overrides
+
+    values = {"model": arguments.model, "input": arguments.input, "output": arguments.output}
+    if arguments.top_k is not None:
+        values["top_k"] = arguments.top_k
+    if arguments.batch_size is not None:
+        values["batch_size"] = arguments.batch_size
+    values = merge(values, parse_overrides(arguments.overrides))
+    summary = predict.run(build_model(PredictConfig, values, "predict arguments"))
+    print(
+        f"{summary.images_listed} images, {summary.classified} classified, {summary.errored} errored, "
+        f"{summary.images_per_second} images/s -> {summary.output_uri}"
+    )
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"train": _train, "predict": _predict}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) buries the useful lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    configure_logging()
+    arguments = build_parser().parse_args(argv)
+    try:
+        COMMANDS[arguments.verb](arguments)
+    except UserError as error:
+        print(f"imgcls {arguments.verb}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"imgcls {arguments.verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        logger.exception("imgcls %s failed with an internal error", arguments.verb)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

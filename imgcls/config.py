@@ -1,0 +1,229 @@
+"""Job configuration: pydantic models, YAML loading and `--set key=value` overrides.
+
+Defaults live in the models, a YAML file overrides them, and `--set` overrides the file.
+This module imports no TensorFlow or Ray so that validating a config is instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imgcls.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    train: str = Field(
+        description="Labelled training images: a folder with one sub-folder per class (`root/<class>/<image>`)."
+    )
+    val: str | None = Field(
+        default=None,
+        description="Optional separate validation folder in the same layout. When unset, "
+        "`val_fraction` of `train` is held out instead.",
+    )
+    val_fraction: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of each class held out for validation when `data.val` is unset "
+        "(0 disables validation). Rule of thumb: 0.1-0.2.",
+    )
+    image_size: tuple[int, int] = Field(
+        default=(64, 64),
+        description="[height, width] in pixels that every image is resized to before the model. "
+        "The tutorial uses 64x64; small images (16-32 px) train much faster.",
+    )
+    channels: Literal[1, 3] = Field(
+        default=3, description="Colour channels the model sees: 3 converts every image to RGB, 1 to greyscale."
+    )
+    max_image_pixels: int = Field(
+        default=89_478_485,
+        gt=0,
+        description="Images with more pixels (width x height) than this are refused as possible "
+        "decompression bombs and reported as skipped. Pillow's own default.",
+    )
+    decode_batch_size: int = Field(
+        default=64, gt=0, description="Images decoded per Ray Data task batch. Larger batches mean fewer, bigger tasks."
+    )
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_positive(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if min(value) < 8:
+            raise ValueError(f"image_size must be at least [8, 8] pixels, got {list(value)}")
+        return value
+
+
+class ModelConfig(StrictModel):
+    name: Literal["seed_cnn"] = Field(
+        default="seed_cnn",
+        description="Architecture. `seed_cnn` is the tutorial network: Conv2D(32, 3x3) -> MaxPool -> "
+        "Flatten -> Dense(128) -> sigmoid/softmax.",
+    )
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(default=10, gt=0, description="Passes over the training set.")
+    batch_size: int = Field(
+        default=32,
+        gt=0,
+        description="Images per step on each worker; the global batch is batch_size x scaling.num_workers.",
+    )
+    learning_rate: float = Field(default=0.001, gt=0, description="Optimizer step size. Adam's usual 1e-3.")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(
+        default="adam", description="adam (the tutorial's), adamw (decoupled weight decay 1e-4) or sgd (momentum 0.9)."
+    )
+
+
+class ScalingConfig(StrictModel):
+    num_workers: int = Field(default=1, gt=0, description="Data-parallel Ray Train workers (one model replica each).")
+    use_gpu: bool = Field(default=False, description="Give each worker one GPU.")
+    cpus_per_worker: float | None = Field(
+        default=None,
+        gt=0,
+        description="CPUs reserved per training worker. Unset: up to 1, shrunk so that `data_cpus` stay free.",
+    )
+    data_cpus: float = Field(
+        default=1.0,
+        ge=0.25,
+        description="CPUs kept free for Ray Data (reading, decoding). Training workers that take every CPU "
+        "starve the data pipeline and hang, so at least a quarter CPU is always kept.",
+    )
+
+
+class JobConfig(StrictModel):
+    """Everything a training run needs; saved resolved as `output_dir/config.yaml`."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    output_dir: str = Field(
+        default="runs/latest",
+        description="Where the run writes config.yaml, checkpoints and the model artifact (`output_dir/model`).",
+    )
+    seed: int = Field(default=0, description="Seeds the train/val split, weight initialisation and data order.")
+
+
+class PredictConfig(StrictModel):
+    """Bulk classification settings; CLI flags fill these and `--set` can change any of them."""
+
+    model: str = Field(description="URI of a model artifact directory (contains model.keras and metadata.json).")
+    input: str = Field(description="URI of a folder of images, read recursively.")
+    output: str = Field(description="URI of the Parquet dataset directory the predictions are written to.")
+    top_k: int | None = Field(
+        default=None, gt=0, description="Labels kept per image in top_k_labels; default min(5, number of classes)."
+    )
+    batch_size: int = Field(default=64, gt=0, description="Images per model call in each actor.")
+    decode_batch_size: int = Field(default=64, gt=0, description="Images decoded per Ray Data task batch.")
+    num_actors: int | None = Field(
+        default=None, gt=0, description="Model actors in the pool. Unset: cluster CPUs minus one, at least one."
+    )
+    use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
+    max_image_pixels: int = Field(
+        default=89_478_485, gt=0, description="Larger images are refused as possible decompression bombs."
+    )
+
+    @model_validator(mode="after")
+    def _paths_differ(self) -> "PredictConfig":
+        if self.input.rstrip("/") == self.output.rstrip("/"):
+            raise ValueError("output must differ from input, or predictions would be mixed with the images")
+        return self
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """Turn `["a.b=1", "c=[1, 2]"]` into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for assignment in assignments:
+        key, separator, raw_value = assignment.partition("=")
+        key = key.strip()
+        if not separator or not key:
+            raise ConfigError(f"--set expects key=value (for example train.epochs=5), got {assignment!r}.")
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {key}: the value {raw_value!r} is not valid YAML ({error}).") from None
+        target = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            existing = target.setdefault(part, {})
+            if not isinstance(existing, dict):
+                raise ConfigError(f"--set {key}: {part!r} was already given a value, it cannot also have sub-keys.")
+            target = existing
+        target[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overrides` into a copy of `base`; mappings merge, everything else replaces."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One readable paragraph naming each bad dotted key."""
+    problems = []
+    for item in error.errors():
+        dotted = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{dotted}'")
+        elif item["type"] == "missing":
+            problems.append(f"'{dotted}' is required")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"'{dotted}': {message} (got {item.get('input')!r})")
+    return f"Invalid configuration in {source}: " + "; ".join(problems) + "."
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"Cannot read config file {path}: {error.strerror or error}.") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of keys, got {type(loaded).__name__}.")
+    return loaded
+
+
+def build_model(model_type: type[StrictModel], values: dict[str, Any], source: str) -> Any:
+    try:
+        return model_type.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, source)) from None
+
+
+def load_job_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Defaults, then the YAML file at `path`, then `--set` overrides."""
+    values = read_yaml_mapping(path) if path is not None else {}
+    values = merge(values, parse_overrides(overrides or []))
+    source = str(path) if path is not None else "overrides"
+    if overrides:
+        source += " with --set overrides"
+    return build_model(JobConfig, values, source)
+
+
+def config_to_yaml(config: StrictModel) -> str:
+    """The resolved config as YAML that `load_job_config` accepts back unchanged."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

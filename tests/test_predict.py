@@ -1,0 +1,99 @@
+"""Bulk prediction through a real Ray Data actor pool into Parquet."""
+
+import shutil
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+
+from imgcls import predict
+from imgcls.artifact import load_artifact
+from imgcls.config import PredictConfig
+from imgcls.errors import DataError
+from imgcls.images import decode_image
+from imgcls.predict import PREDICTION_SCHEMA
+
+
+@pytest.fixture(scope="module")
+def prediction_input(pattern_holdout, tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict_input") / "images"
+    shutil.copytree(pattern_holdout, root)
+    (root / "horizontal" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "notes.txt").write_text("not an image, not listed")
+    return root
+
+
+@pytest.fixture(scope="module")
+def predictions(trained_one_worker, prediction_input, tmp_path_factory):
+    result, _ = trained_one_worker
+    output = tmp_path_factory.mktemp("predictions") / "out"
+    summary = predict.run(PredictConfig(model=result.artifact_uri, input=str(prediction_input), output=str(output)))
+    table = pads.dataset(str(output), format="parquet").to_table()
+    return summary, table, result
+
+
+def test_one_row_per_image_with_the_exact_schema(predictions, prediction_input):
+    summary, table, result = predictions
+    inputs = sorted(str(path) for path in prediction_input.rglob("*.png"))
+    assert len(inputs) == 21
+    assert table.schema.equals(PREDICTION_SCHEMA)
+    assert sorted(table.column("path").to_pylist()) == inputs
+    assert summary.images_listed == 21 and summary.classified == 20 and summary.errored == 1
+    assert set(table.column("model_version").to_pylist()) == {result.model_version}
+
+
+def test_labels_come_from_the_artifact_and_are_mostly_right(predictions):
+    _, table, _ = predictions
+    rows = [row for row in table.to_pylist() if row["error"] is None]
+    assert {row["label"] for row in rows} <= {"horizontal", "vertical"}
+    correct = sum(row["label"] == row["path"].split("/")[-2] for row in rows)
+    assert correct / len(rows) >= 0.9
+    for row in rows:
+        assert row["top_k_labels"][0] == row["label"]
+        assert row["top_k_scores"][0] == pytest.approx(row["score"])
+        assert len(row["top_k_labels"]) == 2  # default top-k is min(5, classes)
+        assert sum(row["top_k_scores"]) == pytest.approx(1.0, abs=1e-5)
+        assert row["top_k_scores"] == sorted(row["top_k_scores"], reverse=True)
+
+
+def test_corrupt_file_gives_an_error_row(predictions):
+    _, table, _ = predictions
+    bad = [row for row in table.to_pylist() if row["error"] is not None]
+    assert len(bad) == 1
+    assert bad[0]["path"].endswith("corrupt.png")
+    assert bad[0]["label"] is None and bad[0]["score"] is None and bad[0]["top_k_labels"] is None
+
+
+def test_scores_match_the_artifact_model_on_the_same_pixels(predictions):
+    _, table, result = predictions
+    model, metadata = load_artifact(result.artifact_uri)
+    rows = [row for row in table.to_pylist() if row["error"] is None]
+    pixels = np.stack(
+        [decode_image(open(row["path"], "rb").read(), metadata.image_size, metadata.channels, 10**8) for row in rows]
+    ).astype(np.float32)
+    positive = model.predict(pixels, verbose=0)[:, 0]
+    vertical_index = metadata.class_names.index("vertical")
+    for row, probability in zip(rows, positive):
+        expected = {"vertical": probability, "horizontal": 1 - probability}
+        assert vertical_index == 1
+        assert row["score"] == pytest.approx(expected[row["label"]], abs=1e-5)
+
+
+def test_predictor_top_k_is_capped_by_the_number_of_classes(trained_one_worker):
+    result, _ = trained_one_worker
+    predictor = predict.Predictor.from_artifact(result.artifact_uri, top_k=5)
+    batch = {
+        "path": np.array(["a.png", "b.png"]),
+        "image": np.zeros((2, 16, 16, 3), np.uint8),
+        "error": np.array(["", "cannot read"]),
+    }
+    table = predictor(batch)
+    assert table.column("top_k_labels").to_pylist()[0] in (["horizontal", "vertical"], ["vertical", "horizontal"])
+    assert table.column("error").to_pylist() == [None, "cannot read"]
+
+
+def test_empty_input_folder_is_a_data_error(trained_one_worker, tmp_path):
+    result, _ = trained_one_worker
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="No images found"):
+        predict.run(PredictConfig(model=result.artifact_uri, input=str(tmp_path / "empty"), output=str(tmp_path / "o")))
