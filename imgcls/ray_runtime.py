@@ -16,7 +16,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address.startswith(("http://", "https://")):
+        # An address for `ray job submit` (the dashboard), not for drivers: on a cluster node,
+        # join the cluster running here instead, as Ray's own `auto` does.
+        logger.info("RAY_ADDRESS %s is a Jobs API address; joining the Ray cluster on this machine", address)
+        os.environ.pop("RAY_ADDRESS")
+        try:
+            ray.init(address="auto", log_to_driver=True)
+        finally:
+            os.environ["RAY_ADDRESS"] = address
+    elif address:
         logger.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
