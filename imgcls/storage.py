@@ -87,26 +87,3 @@ def write_bytes_atomic(location: Location, data: bytes) -> None:
 
 def write_text_atomic(location: Location, text: str) -> None:
     write_bytes_atomic(location, text.encode("utf-8"))
-
-
-def upload_directory(local_directory: str | Path, destination: Location) -> None:
-    """Copy a local directory tree to `destination`, file by file, each write atomic."""
-    local_directory = Path(local_directory)
-    for file_path in sorted(local_directory.rglob("*")):
-        if file_path.is_file():
-            relative = file_path.relative_to(local_directory).as_posix()
-            write_bytes_atomic(destination.join(relative), file_path.read_bytes())
-
-
-def download_directory(source: Location, local_directory: str | Path) -> None:
-    """Copy every file under `source` into `local_directory`."""
-    local_directory = Path(local_directory)
-    selector = pafs.FileSelector(source.path, recursive=True)
-    for info in source.filesystem.get_file_info(selector):
-        if info.type != pafs.FileType.File:
-            continue
-        relative = PurePosixPath(info.path).relative_to(PurePosixPath(source.path))
-        target = local_directory / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with source.filesystem.open_input_stream(info.path) as stream:
-            target.write_bytes(stream.read())

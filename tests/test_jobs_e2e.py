@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -20,6 +21,32 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop only this cluster's processes. `ray stop` would also kill the suite's own Ray, and with
+    it the pytest process that is that cluster's driver."""
+    import psutil
+
+    members = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in argument for argument in process.info["cmdline"] or []):
+                members.append(process)
+                members.extend(process.children(recursive=True))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for process in members:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(members, timeout=15)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +74,18 @@ def head_node(tmp_path_factory):
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--include-dashboard", "true", "--temp-dir", temp_dir, "--disable-usage-stats",
     ]  # fmt: skip
+    # The suite's own Ray already holds the default agent and metrics ports: pick free ones.
+    for option in (
+        "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+        "--metrics-export-port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port",
+    ):  # fmt: skip
+        start += [option, str(free_port())]
     subprocess.run(start, env=environment, check=True, capture_output=True, timeout=180)
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         yield address, f"127.0.0.1:{gcs_port}", environment, base_dir
     finally:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=environment, capture_output=True, timeout=120)
+        stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -78,8 +111,13 @@ def test_ray_job_submit_trains_the_smoke_config(head_node, pattern_dataset):
         "--set", f"data.train={pattern_dataset}", "--set", "data.image_size=[16, 16]",
         "--set", "data.channels=3", "--set", "output_dir=runs/e2e",
     ]  # fmt: skip
-    completed = subprocess.run(submit, env=environment, capture_output=True, text=True, timeout=600)
-    output = completed.stdout + completed.stderr
+    for _ in range(12):
+        completed = subprocess.run(submit, env=environment, capture_output=True, text=True, timeout=600)
+        output = completed.stdout + completed.stderr
+        # A fresh head node accepts jobs once its dashboard agent has registered.
+        if "No available agent" not in output:
+            break
+        time.sleep(5)
     assert completed.returncode == 0, output[-4000:]
     assert job_status(address, environment, submission_id) == "SUCCEEDED"
     # The relative output_dir resolved against IMGCLS_BASE_DIR, not the job's uploaded copy.
