@@ -44,7 +44,9 @@ def make_model_version(model_bytes: bytes, created_at: datetime) -> str:
     return f"{created_at.strftime('%Y%m%dT%H%M%SZ')}-{digest}-{secrets.token_hex(3)}"
 
 
-def save_artifact(model, metadata_fields: dict[str, Any], destination_uri: str) -> ArtifactMetadata:
+def save_artifact(
+    model, metadata_fields: dict[str, Any], destination_uri: str, endpoint_url: str | None = None
+) -> ArtifactMetadata:
     """Save `model` (without optimizer state) and its metadata; metadata.json is written last,
     so a directory with metadata.json is always a complete artifact."""
     created = datetime.now(timezone.utc)
@@ -57,14 +59,14 @@ def save_artifact(model, metadata_fields: dict[str, Any], destination_uri: str) 
         created_at=created.isoformat(),
         **metadata_fields,
     )
-    destination = storage.resolve(destination_uri)
+    destination = storage.resolve(destination_uri, endpoint_url)
     storage.write_bytes_atomic(destination.join(MODEL_FILE), model_bytes)
     storage.write_text_atomic(destination.join(METADATA_FILE), metadata.model_dump_json(indent=2))
     return metadata
 
 
-def read_metadata(artifact_uri: str) -> ArtifactMetadata:
-    location = storage.resolve(artifact_uri)
+def read_metadata(artifact_uri: str, endpoint_url: str | None = None) -> ArtifactMetadata:
+    location = storage.resolve(artifact_uri, endpoint_url)
     metadata_location = location.join(METADATA_FILE)
     if not storage.exists(metadata_location):
         raise UserError(
@@ -77,12 +79,13 @@ def read_metadata(artifact_uri: str) -> ArtifactMetadata:
         raise UserError(f"{metadata_location.uri} is not valid imgcls artifact metadata: {error}") from None
 
 
-def load_artifact(artifact_uri: str):
-    """Return (keras model, metadata). The .keras file is loaded in safe mode: no arbitrary code runs."""
+def load_artifact(artifact_uri: str, endpoint_url: str | None = None):
+    """Return (keras model, metadata). The .keras file is loaded in safe mode: no arbitrary code runs,
+    and nothing from the bucket is ever unpickled."""
     import keras
 
-    metadata = read_metadata(artifact_uri)
-    model_location = storage.resolve(artifact_uri).join(MODEL_FILE)
+    metadata = read_metadata(artifact_uri, endpoint_url)
+    model_location = storage.resolve(artifact_uri, endpoint_url).join(MODEL_FILE)
     if not storage.exists(model_location):
         raise UserError(f"No {MODEL_FILE} in the artifact at {artifact_uri}.")
     with tempfile.TemporaryDirectory(prefix="imgcls-load-") as scratch:

@@ -23,11 +23,13 @@ class StrictModel(BaseModel):
 
 class DataConfig(StrictModel):
     train: str = Field(
-        description="Labelled training images: a folder with one sub-folder per class (`root/<class>/<image>`)."
+        description="Labelled training images, local or s3://: a folder with one sub-folder per class "
+        "(`root/<class>/<image>`), or a CSV/Parquet manifest with `path,label` columns (paths absolute "
+        "URIs or relative to the manifest)."
     )
     val: str | None = Field(
         default=None,
-        description="Optional separate validation folder in the same layout. When unset, "
+        description="Optional separate validation set in the same forms as `train`. When unset, "
         "`val_fraction` of `train` is held out instead.",
     )
     val_fraction: float = Field(
@@ -60,6 +62,62 @@ class DataConfig(StrictModel):
     def _image_size_positive(cls, value: tuple[int, int]) -> tuple[int, int]:
         if min(value) < 8:
             raise ValueError(f"image_size must be at least [8, 8] pixels, got {list(value)}")
+        return value
+
+
+class AugmentConfig(StrictModel):
+    """Random changes to training images, drawn afresh every epoch; validation, evaluation and
+    prediction images are never augmented. All off by default. The tutorial's settings (Keras'
+    ImageDataGenerator) were `horizontal_flip: true`, `zoom: 0.2`, `shear_degrees: 0.2`."""
+
+    horizontal_flip: bool = Field(default=False, description="Mirror left-right with probability 0.5.")
+    vertical_flip: bool = Field(default=False, description="Mirror top-bottom with probability 0.5.")
+    rotation_degrees: float = Field(
+        default=0.0, ge=0, le=180, description="Rotate by up to +/- this many degrees. Rule of thumb: 10-20."
+    )
+    shear_degrees: float = Field(default=0.0, ge=0, lt=60, description="Shear by up to +/- this many degrees.")
+    zoom: float = Field(
+        default=0.0, ge=0, lt=1, description="Zoom by a factor in [1 - zoom, 1 + zoom]; zooming in is a random crop."
+    )
+    translation: float = Field(
+        default=0.0, ge=0, lt=1, description="Shift by up to +/- this fraction of the height and width."
+    )
+    brightness: float = Field(
+        default=0.0, ge=0, le=1, description="Add up to +/- this fraction of full scale (255) to every pixel."
+    )
+    contrast: float = Field(
+        default=0.0, ge=0, lt=1, description="Scale contrast around the image mean by a factor in [1 - c, 1 + c]."
+    )
+
+    @property
+    def is_geometric(self) -> bool:
+        return bool(
+            self.horizontal_flip
+            or self.vertical_flip
+            or self.rotation_degrees
+            or self.shear_degrees
+            or self.zoom
+            or self.translation
+        )
+
+    @property
+    def is_active(self) -> bool:
+        return self.is_geometric or bool(self.brightness or self.contrast)
+
+
+class StorageConfig(StrictModel):
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (e.g. http://minio:9000) for every s3:// URI. Unset: "
+        "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS S3. Credentials never go here: they come "
+        "from the standard AWS chain (environment, ~/.aws, instance or pod role).",
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise ValueError("must not contain credentials; use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         return value
 
 
@@ -104,13 +162,16 @@ class JobConfig(StrictModel):
     """Everything a training run needs; saved resolved as `output_dir/config.yaml`."""
 
     data: DataConfig
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     output_dir: str = Field(
         default="runs/latest",
-        description="Where the run writes config.yaml, checkpoints and the model artifact (`output_dir/model`).",
+        description="Where the run writes config.yaml, checkpoints and the model artifact (`output_dir/model`); "
+        "local or s3://.",
     )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     seed: int = Field(default=0, description="Seeds the train/val split, weight initialisation and data order.")
 
 
@@ -118,7 +179,7 @@ class PredictConfig(StrictModel):
     """Bulk classification settings; CLI flags fill these and `--set` can change any of them."""
 
     model: str = Field(description="URI of a model artifact directory (contains model.keras and metadata.json).")
-    input: str = Field(description="URI of a folder of images, read recursively.")
+    input: str = Field(description="URI of a folder of images (read recursively) or a CSV/Parquet manifest with a `path` column.")
     output: str = Field(description="URI of the Parquet dataset directory the predictions are written to.")
     top_k: int | None = Field(
         default=None, gt=0, description="Labels kept per image in top_k_labels; default min(5, number of classes)."
@@ -132,6 +193,7 @@ class PredictConfig(StrictModel):
     max_image_pixels: int = Field(
         default=89_478_485, gt=0, description="Larger images are refused as possible decompression bombs."
     )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _paths_differ(self) -> "PredictConfig":

@@ -56,57 +56,129 @@ class LabelledImages:
         return counted
 
 
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
 def _is_hidden(relative: PurePosixPath) -> bool:
     return any(part.startswith(".") or part.startswith("_") for part in relative.parts)
 
 
-def list_images(uri: str) -> ImageListing:
-    """Every image file under `uri`, recursively, sorted; hidden and non-image files are counted, not used."""
-    root = storage.resolve(uri)
-    info = root.filesystem.get_file_info(root.path)
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"Image folder {uri} does not exist. Check the path (relative paths start at {root.path}).")
-    if info.type != pafs.FileType.Directory:
-        raise DataError(f"{uri} is a file, not a folder of images.")
+def is_manifest(uri: str) -> bool:
+    return uri.lower().endswith(MANIFEST_SUFFIXES)
+
+
+def _image_root(uri: str, endpoint_url: str | None) -> storage.Location:
+    root = storage.resolve(uri, endpoint_url)
+    if root.is_local:
+        info = root.filesystem.get_file_info(root.path)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"Image folder {uri} does not exist. Check the path (it resolved to {root.path}).")
+        if info.type != pafs.FileType.Directory:
+            raise DataError(f"{uri} is a file, not a folder of images (manifests end in .csv or .parquet).")
+    return root
+
+
+def list_images(uri: str, endpoint_url: str | None = None) -> ImageListing:
+    """Every image under `uri` (a folder or bucket prefix), recursively, sorted. Hidden files and
+    folders (`.x`, `_x`) and files without an image extension are counted, not used."""
+    root = _image_root(uri, endpoint_url)
     paths: list[str] = []
     ignored = 0
-    for entry in root.filesystem.get_file_info(pafs.FileSelector(root.path, recursive=True)):
-        if entry.type != pafs.FileType.File:
-            continue
-        relative = PurePosixPath(entry.path).relative_to(PurePosixPath(root.path))
-        if _is_hidden(relative) or not has_image_extension(relative.name):
+    for relative in storage.iter_files(root):
+        relative_path = PurePosixPath(relative)
+        if _is_hidden(relative_path) or not has_image_extension(relative_path.name):
             ignored += 1
             continue
-        paths.append(root.join(str(relative)).uri)
+        paths.append(root.join(relative).uri)
+    if not root.is_local and not paths and not ignored:
+        raise DataError(f"Nothing found under {uri}: check the bucket, the prefix and storage.endpoint_url.")
     paths.sort()
     return ImageListing(paths=paths, ignored=ignored)
 
 
-def list_labelled_folder(uri: str) -> LabelledImages:
-    """A folder per class: `root/<class>/**/<image>`. Files directly under root are ignored."""
-    listing = list_images(uri)
-    root = storage.resolve(uri)
+def list_prediction_inputs(uri: str, endpoint_url: str | None = None) -> ImageListing:
+    """Images to classify: a folder or bucket prefix (recursive), or a manifest with a `path` column."""
+    if is_manifest(uri):
+        paths, _ = read_manifest(uri, endpoint_url, require_label=False)
+        return ImageListing(paths=paths)
+    return list_images(uri, endpoint_url)
+
+
+def _labelled_from_folder(uri: str, endpoint_url: str | None) -> LabelledImages:
+    root = _image_root(uri, endpoint_url)
     paths: list[str] = []
     labels: list[str] = []
-    ignored = listing.ignored
-    for path in listing.paths:
-        relative = PurePosixPath(storage.resolve(path).path).relative_to(PurePosixPath(root.path))
-        if len(relative.parts) < 2:
-            ignored += 1
+    ignored = 0
+    for relative in storage.iter_files(root):
+        relative_path = PurePosixPath(relative)
+        if _is_hidden(relative_path) or not has_image_extension(relative_path.name) or len(relative_path.parts) < 2:
+            ignored += 1  # hidden, not an image, or not inside a class folder
             continue
-        paths.append(path)
-        labels.append(relative.parts[0])
-    class_names = sorted(set(labels))
-    if not class_names:
+        paths.append(root.join(relative).uri)
+        labels.append(relative_path.parts[0])
+    order = sorted(range(len(paths)), key=paths.__getitem__)
+    return LabelledImages(
+        paths=[paths[i] for i in order], labels=[labels[i] for i in order], class_names=[], ignored=ignored
+    )
+
+
+def read_manifest(uri: str, endpoint_url: str | None, require_label: bool) -> tuple[list[str], list[str] | None]:
+    """Rows of a CSV or Parquet manifest: `path` (absolute URI or relative to the manifest's folder)
+    and, when required, `label`."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    location = storage.resolve(uri, endpoint_url)
+    if not storage.is_file(location):
+        raise DataError(f"Manifest {uri} does not exist.")
+    try:
+        if uri.lower().endswith(".csv"):
+            with location.filesystem.open_input_stream(location.path) as stream:
+                table = pacsv.read_csv(
+                    stream, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string(), "label": pa.string()})
+                )
+        else:
+            with location.filesystem.open_input_file(location.path) as handle:
+                table = pq.read_table(handle)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"Cannot read manifest {uri}: {error}") from None
+    required = ["path", "label"] if require_label else ["path"]
+    missing = [column for column in required if column not in table.column_names]
+    if missing:
+        raise DataError(f"Manifest {uri} lacks column(s) {missing}; it has {table.column_names}.")
+    raw_paths = table.column("path").cast(pa.string()).to_pylist()
+    labels = [None if label is None else str(label) for label in table.column("label").to_pylist()] if require_label else None
+    empty_rows = [row + 2 for row, path in enumerate(raw_paths) if not path]
+    if require_label:
+        empty_rows += [row + 2 for row, label in enumerate(labels) if label in (None, "")]
+    if empty_rows:
+        raise DataError(
+            f"Manifest {uri} has {len(empty_rows)} row(s) with an empty path or label "
+            f"(CSV lines {sorted(set(empty_rows))[:10]}). Fill them in or remove them."
+        )
+    # Absolute URIs and absolute local paths stand as they are; anything else is beside the manifest.
+    paths = [raw if "://" in raw or raw.startswith("/") else location.parent.join(raw).uri for raw in raw_paths]
+    return paths, labels
+
+
+def list_labelled(uri: str, endpoint_url: str | None = None) -> LabelledImages:
+    """Labelled images from a folder per class (`root/<class>/**/<image>`) or a manifest."""
+    if is_manifest(uri):
+        paths, labels = read_manifest(uri, endpoint_url, require_label=True)
+        images = LabelledImages(paths=paths, labels=labels or [], class_names=[])
+    else:
+        images = _labelled_from_folder(uri, endpoint_url)
+    images.class_names = sorted(set(images.labels))
+    if not images.class_names:
         raise DataError(
             f"No labelled images found under {uri}: expected one sub-folder per class, each holding images "
-            f"({', '.join(sorted(ext.lstrip('.') for ext in {'.jpg', '.png', '.bmp', '.gif', '.webp', '.tif'}))})."
+            "(jpg, jpeg, png, bmp, gif, webp, tif, tiff), or a CSV/Parquet manifest with path,label columns."
         )
-    if len(class_names) < 2:
+    if len(images.class_names) < 2:
         raise DataError(
-            f"Only one class ('{class_names[0]}') found under {uri}: a classifier needs at least two class folders."
+            f"Only one class ('{images.class_names[0]}') found in {uri}: a classifier needs at least two classes."
         )
-    return LabelledImages(paths=paths, labels=labels, class_names=class_names, ignored=ignored)
+    return images
 
 
 def stratified_split(
@@ -133,14 +205,12 @@ def stratified_split(
     return images.subset(np.sort(train_positions)), images.subset(np.sort(val_positions))
 
 
-def read_file_bytes(uri: str) -> bytes:
-    location = storage.resolve(uri)
-    with location.filesystem.open_input_stream(location.path) as stream:
-        return stream.read()
-
-
 def decode_batch(
-    batch: dict[str, np.ndarray], image_size: tuple[int, int], channels: int, max_pixels: int
+    batch: dict[str, np.ndarray],
+    image_size: tuple[int, int],
+    channels: int,
+    max_pixels: int,
+    endpoint_url: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: read and decode every path in the batch; failures become an `error` string.
 
@@ -152,7 +222,9 @@ def decode_batch(
     errors = np.full(len(paths), "", dtype=object)
     for row, path in enumerate(paths):
         try:
-            images[row] = decode_image(read_file_bytes(str(path)), image_size, channels, max_pixels)
+            images[row] = decode_image(
+                storage.read_bytes(storage.resolve(str(path), endpoint_url)), image_size, channels, max_pixels
+            )
         except ImageDecodeError as error:
             errors[row] = str(error)
         except OSError as error:
@@ -167,7 +239,10 @@ def paths_table(paths: list[str], label_indices: np.ndarray | None = None) -> li
     """Split path rows into several Arrow tables so Ray Data can decode them in parallel."""
     tables = []
     for start in range(0, len(paths), ROWS_PER_BLOCK):
-        columns: dict[str, Any] = {"path": pa.array(paths[start : start + ROWS_PER_BLOCK], pa.string())}
+        columns: dict[str, Any] = {
+            "path": pa.array(paths[start : start + ROWS_PER_BLOCK], pa.string()),
+            "row": pa.array(np.arange(start, min(start + ROWS_PER_BLOCK, len(paths))), pa.int64()),
+        }
         if label_indices is not None:
             columns["label"] = pa.array(label_indices[start : start + ROWS_PER_BLOCK], pa.int32())
         tables.append(pa.table(columns))
@@ -181,6 +256,7 @@ def decoded_dataset(
     channels: int,
     max_pixels: int,
     decode_batch_size: int,
+    endpoint_url: str | None = None,
 ):
     """A lazy Ray Dataset of path (+label), image and error columns."""
     import ray.data
@@ -190,7 +266,12 @@ def decoded_dataset(
         decode_batch,
         batch_size=decode_batch_size,
         batch_format="numpy",
-        fn_kwargs={"image_size": tuple(image_size), "channels": channels, "max_pixels": max_pixels},
+        fn_kwargs={
+            "image_size": tuple(image_size),
+            "channels": channels,
+            "max_pixels": max_pixels,
+            "endpoint_url": endpoint_url,
+        },
     )
 
 
@@ -212,6 +293,7 @@ def prepare_split(
     decode_batch_size: int,
     seed: int,
     split_name: str,
+    endpoint_url: str | None = None,
 ) -> PreparedSplit:
     """Decode a split once into the object store at model resolution, dropping undecodable files.
 
@@ -224,11 +306,12 @@ def prepare_split(
     order = generator.permutation(len(images.paths))  # Mix classes across blocks.
     shuffled = images.subset(order)
     decoded = decoded_dataset(
-        shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size
+        shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size, endpoint_url
     ).materialize()
     skipped_rows = decoded.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
     skipped = [{"path": str(row["path"]), "error": str(row["error"])} for row in skipped_rows]
-    usable = decoded.filter(expr=col("error") == "").select_columns(["image", "label"]).materialize()
+    # `row` is a stable id per image: augmentation draws its random parameters from it.
+    usable = decoded.filter(expr=col("error") == "").select_columns(["image", "label", "row"]).materialize()
     num_rows = usable.count()
     skipped_paths = {row["path"] for row in skipped}
     class_counts = {name: 0 for name in images.class_names}

@@ -43,17 +43,19 @@ class Predictor:
     """Callable class for `Dataset.map_batches`: loads the artifact once per actor, then turns
     decoded batches (path, image, error) into prediction rows with the DESIGN.md schema."""
 
-    def __init__(self, model_uri: str, top_k: int, batch_size: int):
+    def __init__(self, model_uri: str, top_k: int, batch_size: int, endpoint_url: str | None = None):
         from imgcls.artifact import load_artifact
 
-        self.model, self.metadata = load_artifact(model_uri)
+        self.model, self.metadata = load_artifact(model_uri, endpoint_url)
         self.class_names = np.array(self.metadata.class_names, dtype=object)
         self.top_k = min(top_k, len(self.class_names))
         self.batch_size = batch_size
 
     @classmethod
-    def from_artifact(cls, model_uri: str, top_k: int = 5, batch_size: int = 64) -> "Predictor":
-        return cls(model_uri, top_k, batch_size)
+    def from_artifact(
+        cls, model_uri: str, top_k: int = 5, batch_size: int = 64, endpoint_url: str | None = None
+    ) -> "Predictor":
+        return cls(model_uri, top_k, batch_size, endpoint_url)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         outputs = [
@@ -125,12 +127,12 @@ def _commit_staged_files(staging: storage.Location, output: storage.Location, ru
     return committed
 
 
-def _count_rows(files: list[str]) -> tuple[int, int]:
+def _count_rows(files: list[str], endpoint_url: str | None) -> tuple[int, int]:
     import pyarrow.parquet as pq
 
     rows = errored = 0
     for uri in files:
-        location = storage.resolve(uri)
+        location = storage.resolve(uri, endpoint_url)
         with location.filesystem.open_input_file(location.path) as handle:
             table = pq.read_table(handle, columns=["error"])
         rows += table.num_rows
@@ -143,13 +145,14 @@ def run(config: PredictConfig) -> PredictSummary:
     import ray.data
 
     from imgcls.artifact import read_metadata
-    from imgcls.data import decoded_dataset, list_images
+    from imgcls.data import decoded_dataset, list_prediction_inputs
     from imgcls.ray_runtime import cluster_totals, ensure_ray
     from imgcls.resources import plan_prediction
 
     started = time.perf_counter()
-    metadata = read_metadata(config.model)
-    listing = list_images(config.input)
+    endpoint_url = config.storage.endpoint_url
+    metadata = read_metadata(config.model, endpoint_url)
+    listing = list_prediction_inputs(config.input, endpoint_url)
     if not listing.paths:
         raise DataError(f"No images found under {config.input} ({listing.ignored} non-image or hidden files ignored).")
     top_k = config.top_k or min(5, len(metadata.class_names))
@@ -172,23 +175,28 @@ def run(config: PredictConfig) -> PredictSummary:
         metadata.channels,
         config.max_image_pixels,
         config.decode_batch_size,
+        endpoint_url,
     )
     predictions = dataset.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model_uri": storage.resolve(config.model).uri, "top_k": top_k,
-                               "batch_size": config.batch_size},
+        fn_constructor_kwargs={
+            "model_uri": storage.resolve(config.model, endpoint_url).uri,
+            "top_k": top_k,
+            "batch_size": config.batch_size,
+            "endpoint_url": endpoint_url,
+        },
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
     )
-    output = storage.resolve(config.output)
+    output = storage.resolve(config.output, endpoint_url)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     staging = output.join("_staging", run_id)
     predictions.write_parquet(staging.path, filesystem=output.filesystem)
     files = _commit_staged_files(staging, output, run_id)
-    rows, errored = _count_rows(files)
+    rows, errored = _count_rows(files, endpoint_url)
     if rows != len(listing.paths):
         raise RuntimeError(f"wrote {rows} prediction rows for {len(listing.paths)} images")
     seconds = time.perf_counter() - started
@@ -200,7 +208,7 @@ def run(config: PredictConfig) -> PredictSummary:
         errored=errored,
         seconds=round(seconds, 3),
         images_per_second=round(rows / seconds, 1),
-        files=[str(PurePosixPath(storage.resolve(uri).path).name) for uri in files],
+        files=[PurePosixPath(uri).name for uri in files],
     )
     logger.info(
         "done: %d images listed, %d classified, %d errored, %.1f images/s, output %s",

@@ -1,6 +1,10 @@
-"""URIs to pyarrow filesystems, and small safe read/write helpers over them.
+"""URIs to pyarrow filesystems, streaming listings, and small safe read/write helpers.
 
-Every path in imgcls goes through `resolve`, so a new scheme (s3://) only has to be added here.
+Every path in imgcls goes through `resolve`: local paths and `s3://bucket/prefix` URIs on AWS S3 or
+any S3-compatible store (MinIO, Ceph). The endpoint comes from the explicit `endpoint_url` (config key
+`storage.endpoint_url`) or `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`; credentials always come from
+the standard AWS chain (environment, shared files, instance or pod role) and are never stored here.
+
 Relative local paths resolve against `IMGCLS_BASE_DIR` when it is set (so a job submitted with
 `ray job submit --working-dir .` still writes next to the user's checkout), else the current directory.
 """
@@ -9,60 +13,98 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from imgcls.errors import UserError
 
 BASE_DIR_VARIABLE = "IMGCLS_BASE_DIR"
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+DEFAULT_REGION = "us-east-1"
 
 
 @dataclass(frozen=True)
 class Location:
-    """A resolved URI: the filesystem to use and the path inside it."""
+    """A resolved URI: the filesystem to use, the path inside it, and the URI users see."""
 
     filesystem: pafs.FileSystem
     path: str
-    uri: str
-
-    def join(self, *parts: str) -> "Location":
-        joined = str(PurePosixPath(self.path, *parts))
-        return Location(self.filesystem, joined, joined if self.is_local else f"{self.scheme}://{joined}")
+    endpoint_url: str | None = None
 
     @property
     def is_local(self) -> bool:
         return isinstance(self.filesystem, pafs.LocalFileSystem)
 
     @property
-    def scheme(self) -> str:
-        return "file" if self.is_local else self.filesystem.type_name
+    def uri(self) -> str:
+        return self.path if self.is_local else f"s3://{self.path}"
+
+    def join(self, *parts: str) -> "Location":
+        return Location(self.filesystem, str(PurePosixPath(self.path, *parts)), self.endpoint_url)
+
+    @property
+    def parent(self) -> "Location":
+        return Location(self.filesystem, str(PurePosixPath(self.path).parent), self.endpoint_url)
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
 
 
-def resolve(uri: str) -> Location:
+def endpoint_from_environment() -> str | None:
+    for variable in ENDPOINT_VARIABLES:
+        if os.environ.get(variable):
+            return os.environ[variable]
+    return None
+
+
+def region_from_environment() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
+
+
+@lru_cache(maxsize=8)
+def s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
+    """One S3 filesystem per endpoint and region per process. No keys are passed: pyarrow reads the
+    AWS credential chain itself, so nothing secret is held or pickled with the filesystem."""
+    options: dict[str, object] = {"region": region}
+    if endpoint_url:
+        parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+        options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+        options["scheme"] = parsed.scheme
+    return pafs.S3FileSystem(**options)
+
+
+def resolve(uri: str, endpoint_url: str | None = None) -> Location:
     """Map a user URI to a filesystem and path. Local paths become absolute."""
     if "://" in uri:
-        scheme = uri.split("://", 1)[0].lower()
-        if scheme == "file":
-            uri = uri[len("file://") :]
-        else:
-            raise UserError(
-                f"Unsupported storage scheme '{scheme}://' in {uri!r}: use a local path for now."
-            )
+        scheme, rest = uri.split("://", 1)
+        scheme = scheme.lower()
+        if scheme in ("s3", "s3a"):
+            path = rest.strip("/")
+            if not path:
+                raise UserError(f"{uri!r} names no bucket: use s3://bucket/prefix.")
+            endpoint = endpoint_url or endpoint_from_environment()
+            return Location(s3_filesystem(endpoint, region_from_environment()), path, endpoint)
+        if scheme != "file":
+            raise UserError(f"Unsupported storage scheme '{scheme}://' in {uri!r}: use a local path or s3://.")
+        uri = rest
     path = Path(os.path.expanduser(uri))
     if not path.is_absolute():
         path = Path(os.environ.get(BASE_DIR_VARIABLE) or os.getcwd()) / path
-    absolute = os.path.normpath(str(path))
-    return Location(pafs.LocalFileSystem(), absolute, absolute)
+    return Location(pafs.LocalFileSystem(), os.path.normpath(str(path)))
 
 
 def exists(location: Location) -> bool:
     return location.filesystem.get_file_info(location.path).type != pafs.FileType.NotFound
 
 
-def is_directory(location: Location) -> bool:
-    return location.filesystem.get_file_info(location.path).type == pafs.FileType.Directory
+def is_file(location: Location) -> bool:
+    return location.filesystem.get_file_info(location.path).type == pafs.FileType.File
 
 
 def read_bytes(location: Location) -> bytes:
@@ -71,19 +113,48 @@ def read_bytes(location: Location) -> bytes:
 
 
 def write_bytes_atomic(location: Location, data: bytes) -> None:
-    """Write so that readers see the old file or the whole new one, never a partial one."""
-    parent = str(PurePosixPath(location.path).parent)
-    location.filesystem.create_dir(parent, recursive=True)
+    """Write so that readers see the old object or the whole new one, never a partial one."""
     if location.is_local:
-        temporary = f"{parent}/.{PurePosixPath(location.path).name}.{uuid.uuid4().hex}.tmp"
+        parent = str(PurePosixPath(location.path).parent)
+        location.filesystem.create_dir(parent, recursive=True)
+        temporary = f"{parent}/.{location.name}.{uuid.uuid4().hex}.tmp"
         with location.filesystem.open_output_stream(temporary) as stream:
             stream.write(data)
         location.filesystem.move(temporary, location.path)
     else:
-        # Object stores make a single PUT visible all at once.
+        # An object store makes an upload visible only once it is complete.
         with location.filesystem.open_output_stream(location.path) as stream:
             stream.write(data)
 
 
 def write_text_atomic(location: Location, text: str) -> None:
     write_bytes_atomic(location, text.encode("utf-8"))
+
+
+def s3_client(endpoint_url: str | None):
+    """A boto3 client on the same endpoint, for what pyarrow does not offer (paged listings)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region_from_environment())
+
+
+def iter_files(root: Location) -> Iterator[str]:
+    """Yield the path of every file under `root`, relative to it, one listing page at a time.
+
+    Nothing is read but names: no object bodies, and no second copy of the listing.
+    """
+    if root.is_local:
+        for directory, subdirectories, files in os.walk(root.path):
+            subdirectories.sort()
+            relative_directory = os.path.relpath(directory, root.path)
+            for name in sorted(files):
+                yield name if relative_directory == "." else f"{relative_directory}/{name}"
+        return
+    bucket, _, prefix = root.path.partition("/")
+    prefix = f"{prefix.rstrip('/')}/" if prefix else ""
+    paginator = s3_client(root.endpoint_url).get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": 1000}):
+        for item in page.get("Contents", []):
+            key = item["Key"]
+            if not key.endswith("/"):  # "folder" marker objects
+                yield key[len(prefix) :]

@@ -56,6 +56,22 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def epoch_pipeline(shard, config: JobConfig, epoch: int, rank: int):
+    """This worker's shard for one epoch: blocks in a new order, then augmented as Ray Data tasks
+    (on the CPUs the resource plan keeps for data), so the training process only trains."""
+    from imgcls.augment import augment_rows
+
+    pipeline = shard.randomize_block_order(seed=config.seed * 1000 + epoch * 10 + rank)
+    if config.augment.is_active:
+        pipeline = pipeline.map_batches(
+            augment_rows,
+            batch_size=config.train.batch_size,
+            batch_format="numpy",
+            fn_kwargs={"config": config.augment, "seed": config.seed, "epoch": epoch},
+        )
+    return pipeline
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: one model replica, one shard of the data."""
     import numpy as np
@@ -142,8 +158,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def weights_checksum() -> float:
         return float(sum(np.asarray(variable.numpy(), dtype=np.float64).sum() for variable in model.weights))
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
+    train_shard = loop_config["train_shards"][rank]
+    val_shards = loop_config["val_shards"]
+    val_shard = val_shards[rank] if val_shards else None
     shuffle_buffer = max(batch_size, min(2048, rows_per_worker))
     history: list[dict[str, Any]] = []
     training_started = time.perf_counter()
@@ -152,7 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_started = time.perf_counter()
         local_sums = np.zeros(3, dtype=np.float64)
         steps = 0
-        for batch in train_shard.iter_batches(
+        for batch in epoch_pipeline(train_shard, config, epoch, rank).iter_batches(
             batch_size=batch_size,
             batch_format="numpy",
             prefetch_batches=2,
@@ -223,6 +240,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- driver side
 
 
+def _write_augmentation_samples(output_dir: storage.Location, dataset, config: JobConfig) -> None:
+    """A grid of training images as the model sees them: each original, then one augmentation per epoch."""
+    import io
+
+    from imgcls.augment import describe, sample_grid
+
+    batch = dataset.take_batch(8, batch_format="numpy")
+    variants = 6 if config.augment.is_active else 0
+    grid = sample_grid(batch["image"], batch["row"], config.augment, config.seed, variants=variants)
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    storage.write_bytes_atomic(output_dir.join("augmentation_samples.png"), buffer.getvalue())
+    logger.info("augmentation: %s; samples in %s", describe(config.augment), output_dir.join("augmentation_samples.png").uri)
+
+
 def _write_skipped(output_dir: storage.Location, skipped: list[dict[str, str]]) -> None:
     import io
 
@@ -241,10 +273,11 @@ def _write_skipped(output_dir: storage.Location, skipped: list[dict[str, str]]) 
 def _prepare_data(config: JobConfig):
     from imgcls import data
 
-    images = data.list_labelled_folder(config.data.train)
+    endpoint_url = config.storage.endpoint_url
+    images = data.list_labelled(config.data.train, endpoint_url)
     if config.data.val:
         train_images = images
-        val_images = data.list_labelled_folder(config.data.val)
+        val_images = data.list_labelled(config.data.val, endpoint_url)
         unknown = sorted(set(val_images.class_names) - set(images.class_names))
         if unknown:
             raise DataError(
@@ -266,6 +299,7 @@ def _prepare_data(config: JobConfig):
         max_pixels=config.data.max_image_pixels,
         decode_batch_size=config.data.decode_batch_size,
         seed=config.seed,
+        endpoint_url=endpoint_url,
     )
     train_split = data.prepare_split(train_images, split_name="train", **settings)
     empty = [name for name, count in train_split.class_counts.items() if count == 0]
@@ -296,7 +330,7 @@ def run(config: JobConfig) -> TrainResult:
     plan = plan_training(config.scaling, totals["CPU"], totals["GPU"])
     logger.info("resource plan: %s", plan.describe())
 
-    output_dir = storage.resolve(config.output_dir)
+    output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
     storage.write_text_atomic(output_dir.join("config.yaml"), config_to_yaml(config))
     class_names, train_split, val_split = _prepare_data(config)
     skipped = train_split.skipped + (val_split.skipped if val_split else [])
@@ -309,9 +343,13 @@ def run(config: JobConfig) -> TrainResult:
             "each worker needs at least one image."
         )
     steps_per_epoch = math.ceil(rows_per_worker / config.train.batch_size)
-    datasets = {"train": train_split.dataset}
-    if val_split is not None and val_split.num_rows > 0:
-        datasets["val"] = val_split.dataset
+    _write_augmentation_samples(output_dir, train_split.dataset, config)
+    # Equal shards, one per worker: every worker runs the same number of steps, as the collective
+    # gradient all-reduce requires. At most num_workers - 1 images per epoch are left out.
+    train_shards = train_split.dataset.split(plan.num_workers, equal=True)
+    val_shards = (
+        val_split.dataset.split(plan.num_workers, equal=False) if val_split is not None and val_split.num_rows else None
+    )
 
     resources_per_worker: dict[str, float] = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
@@ -323,7 +361,8 @@ def run(config: JobConfig) -> TrainResult:
             "class_names": class_names,
             "steps_per_epoch": steps_per_epoch,
             "rows_per_worker": rows_per_worker,
-            "has_val": "val" in datasets,
+            "train_shards": train_shards,
+            "val_shards": val_shards,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources_per_worker
@@ -331,9 +370,9 @@ def run(config: JobConfig) -> TrainResult:
         run_config=ray.train.RunConfig(
             name="train",
             storage_path=output_dir.join("checkpoints").path,
+            storage_filesystem=None if output_dir.is_local else output_dir.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),
-        datasets=datasets,
     )
     logger.info(
         "training %s on %d images (%d steps of %d per worker and epoch), %d validation images",
@@ -375,6 +414,7 @@ def run(config: JobConfig) -> TrainResult:
             "data_summary": data_summary,
         },
         artifact_uri,
+        config.storage.endpoint_url,
     )
     logger.info("model artifact %s written to %s", metadata.model_version, artifact_uri)
     return TrainResult(

@@ -23,7 +23,7 @@ def test_listing_is_recursive_case_insensitive_and_skips_hidden_and_non_images(t
         tmp_path,
         ["cat/a.PNG", "cat/deep/b.jpeg", "dog/c.JpG", "dog/.hidden.png", ".git/x.png", "dog/notes.txt", "loose.png"],
     )
-    labelled = data.list_labelled_folder(str(tmp_path))
+    labelled = data.list_labelled(str(tmp_path))
     assert labelled.class_names == ["cat", "dog"]
     assert [Path(p).name for p in labelled.paths] == ["a.PNG", "b.jpeg", "c.JpG"]
     assert labelled.labels == ["cat", "cat", "dog"]
@@ -33,13 +33,13 @@ def test_listing_is_recursive_case_insensitive_and_skips_hidden_and_non_images(t
 
 def test_listing_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        data.list_labelled_folder(str(tmp_path / "nope"))
+        data.list_labelled(str(tmp_path / "nope"))
     make_tree(tmp_path / "one", ["only/a.png", "only/b.png"])
     with pytest.raises(DataError, match="Only one class"):
-        data.list_labelled_folder(str(tmp_path / "one"))
+        data.list_labelled(str(tmp_path / "one"))
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="No labelled images"):
-        data.list_labelled_folder(str(tmp_path / "empty"))
+        data.list_labelled(str(tmp_path / "empty"))
 
 
 def labelled(counts: dict[str, int]) -> data.LabelledImages:
@@ -72,7 +72,7 @@ def test_prepare_split_decodes_and_reports_unreadable_files(ray_session, tmp_pat
     make_tree(tmp_path, [f"cat/{i}.png" for i in range(5)] + [f"dog/{i}.png" for i in range(4)])
     (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG but not really")
     (tmp_path / "cat" / "empty.jpg").write_bytes(b"")
-    images = data.list_labelled_folder(str(tmp_path))
+    images = data.list_labelled(str(tmp_path))
     prepared = data.prepare_split(images, (6, 6), 3, 10_000, decode_batch_size=4, seed=0, split_name="train")
     assert prepared.num_rows == 9
     assert prepared.class_counts == {"cat": 5, "dog": 4}
