@@ -205,6 +205,27 @@ def stratified_split(
     return images.subset(np.sort(train_positions)), images.subset(np.sort(val_positions))
 
 
+# Concurrent object reads per decode task: fetching from an object store is latency-bound.
+REMOTE_READ_THREADS = 16
+
+
+def _read_all(paths: list[str], endpoint_url: str | None) -> list[bytes | OSError]:
+    """Bytes of every path, or the OSError that reading it raised; remote objects are fetched concurrently."""
+
+    def read_one(path: str) -> bytes | OSError:
+        try:
+            return storage.read_object(storage.resolve(path, endpoint_url))
+        except OSError as error:
+            return error
+
+    if paths and "://" in paths[0]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(REMOTE_READ_THREADS, len(paths))) as pool:
+            return list(pool.map(read_one, paths))
+    return [read_one(path) for path in paths]
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     image_size: tuple[int, int],
@@ -216,19 +237,18 @@ def decode_batch(
 
     Every row gets an image of the same shape (zeros on error), so Arrow never sees ragged arrays.
     """
-    paths = batch["path"]
+    paths = [str(path) for path in batch["path"]]
     height, width = image_size
     images = np.zeros((len(paths), height, width, channels), dtype=np.uint8)
     errors = np.full(len(paths), "", dtype=object)
-    for row, path in enumerate(paths):
+    for row, payload in enumerate(_read_all(paths, endpoint_url)):
+        if isinstance(payload, OSError):
+            errors[row] = f"cannot read file: {payload}"
+            continue
         try:
-            images[row] = decode_image(
-                storage.read_bytes(storage.resolve(str(path), endpoint_url)), image_size, channels, max_pixels
-            )
+            images[row] = decode_image(payload, image_size, channels, max_pixels)
         except ImageDecodeError as error:
             errors[row] = str(error)
-        except OSError as error:
-            errors[row] = f"cannot read file: {error}"
     output = dict(batch)
     output["image"] = images
     output["error"] = errors.astype(str)

@@ -124,6 +124,10 @@ def _commit_staged_files(staging: storage.Location, output: storage.Location, ru
         output.filesystem.move(path, target.path)
         committed.append(target.uri)
     output.filesystem.delete_dir(staging.path)
+    staging_root = staging.parent
+    if not output.filesystem.get_file_info(pafs.FileSelector(staging_root.path, allow_not_found=True)):
+        # Object stores keep an empty "folder" marker behind; drop it once no run is staging.
+        output.filesystem.delete_dir(staging_root.path)
     return committed
 
 
@@ -194,7 +198,7 @@ def run(config: PredictConfig) -> PredictSummary:
     output = storage.resolve(config.output, endpoint_url)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     staging = output.join("_staging", run_id)
-    predictions.write_parquet(staging.path, filesystem=output.filesystem)
+    predictions.write_parquet(staging.path, filesystem=output.filesystem, try_create_dir=output.is_local)
     files = _commit_staged_files(staging, output, run_id)
     rows, errored = _count_rows(files, endpoint_url)
     if rows != len(listing.paths):

@@ -72,6 +72,11 @@ def epoch_pipeline(shard, config: JobConfig, epoch: int, rank: int):
     return pipeline
 
 
+def evaluation_batches(shard, batch_size: int):
+    """Validation batches: the decoded pixels exactly as stored, never augmented."""
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: one model replica, one shard of the data."""
     import numpy as np
@@ -198,7 +203,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         }
         if val_shard is not None:
             val_sums = np.zeros(3, dtype=np.float64)
-            for batch in val_shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+            for batch in evaluation_batches(val_shard, batch_size):
                 val_sums += eval_step(batch["image"], batch["label"]).numpy()
             val_loss, val_correct, val_count = sum_across_workers(tf.constant(val_sums, dtype=tf.float32)).numpy()
             metrics["val_loss"] = float(val_loss / max(val_count, 1.0))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,10 +21,72 @@ from image_factory import write_pattern_dataset  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 16
+TEST_BUCKET = "imgcls-test"
+# Distinctive fake credentials, so a test can prove they never leak into logs or files.
+TEST_ACCESS_KEY = "AKIAIMGCLSTESTLEAKCHECK"
+TEST_SECRET_KEY = "imgcls-secret-d0-not-leak-7f3a9c"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_endpoint(tmp_path_factory):
+    """A real S3 API over HTTP: moto's server on 127.0.0.1, with one bucket. Set up before Ray
+    starts so that every Ray worker inherits the endpoint and credentials from the environment."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=TEST_BUCKET)
+    yield endpoint
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def upload_tree(local_root: Path, bucket: str, prefix: str) -> list[str]:
+    """Upload every file under `local_root` to s3://bucket/prefix/...; returns the URIs."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    uris = []
+    for path in sorted(local_root.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(local_root).as_posix()}"
+            client.upload_file(str(path), bucket, key)
+            uris.append(f"s3://{bucket}/{key}")
+    return uris
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
     """A real 2-CPU Ray on loopback, started once for the whole suite."""
     import ray
 

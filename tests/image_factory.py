@@ -35,3 +35,41 @@ def write_pattern_dataset(
         for number in range(per_class):
             Image.fromarray(pattern_image(class_index, size, generator)).save(folder / f"{number:04d}.{extension}")
     return class_names
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def bad_image_corpus(size: int = 24) -> dict[str, tuple[str, bytes, bool]]:
+    """Every awkward image kind: {kind: (file name, bytes, usable?)}. Usable ones are decodable after
+    conversion; the others must be skipped and reported (with a pixel limit of 100x100)."""
+    generator = np.random.default_rng(7)
+    rgb = Image.fromarray(generator.integers(0, 255, (size, size, 3)).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [Image.new("P", (size, size), index) for index in range(3)]
+    animated = __import__("io").BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    valid_png = _encoded(rgb, "PNG")
+    return {
+        "greyscale": ("grey.png", _encoded(rgb.convert("L"), "PNG"), True),
+        "rgba": ("alpha.png", _encoded(rgb.convert("RGBA"), "PNG"), True),
+        "palette": ("palette.png", _encoded(rgb.convert("P"), "PNG"), True),
+        "cmyk": ("cmyk.jpg", _encoded(rgb.convert("CMYK"), "JPEG"), True),
+        "16-bit": ("deep.png", _encoded(Image.fromarray((generator.random((size, size)) * 65535).astype(np.uint16)), "PNG"), True),
+        "exif-rotated": ("rotated.jpg", _encoded(rgb, "JPEG", exif=exif.tobytes()), True),
+        "animated gif": ("animated.gif", animated.getvalue(), True),
+        "wrong extension": ("actually_png.jpg", valid_png, True),
+        "zero bytes": ("empty.png", b"", False),
+        "truncated": ("truncated.png", valid_png[: len(valid_png) // 2], False),
+        "random bytes": ("noise.jpg", generator.integers(0, 255, 2048).astype(np.uint8).tobytes(), False),
+        "decompression bomb": ("bomb.png", _encoded(Image.new("L", (400, 400)), "PNG"), False),
+    }
+
+
+BOMB_PIXEL_LIMIT = 100 * 100

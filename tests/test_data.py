@@ -81,3 +81,33 @@ def test_prepare_split_decodes_and_reports_unreadable_files(ray_session, tmp_pat
     assert len(rows) == 9
     assert all(row["image"].shape == (6, 6, 3) and row["image"].dtype == np.uint8 for row in rows)
     assert sorted(int(row["label"]) for row in rows) == [0] * 5 + [1] * 4
+
+
+def test_csv_and_parquet_manifests_with_relative_and_absolute_paths(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    make_tree(tmp_path / "images", ["a.png", "b.png", "c.png"])
+    absolute = str(tmp_path / "images" / "c.png")
+    (tmp_path / "manifest.csv").write_text(f"path,label\nimages/a.png,cat\nimages/b.png,dog\n{absolute},dog\n")
+    from_csv = data.list_labelled(str(tmp_path / "manifest.csv"))
+    assert from_csv.class_names == ["cat", "dog"]
+    assert from_csv.paths == [str(tmp_path / "images" / name) for name in ["a.png", "b.png", "c.png"]]
+    pq.write_table(
+        pa.table({"path": ["images/a.png", "images/b.png"], "label": [1, 2]}), tmp_path / "manifest.parquet"
+    )
+    from_parquet = data.list_labelled(str(tmp_path / "manifest.parquet"))
+    assert from_parquet.class_names == ["1", "2"]
+    prediction_inputs = data.list_prediction_inputs(str(tmp_path / "manifest.csv"))
+    assert len(prediction_inputs.paths) == 3
+
+
+def test_bad_manifests_are_data_errors(tmp_path):
+    (tmp_path / "no_label.csv").write_text("path\nx.png\n")
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['label'\]"):
+        data.list_labelled(str(tmp_path / "no_label.csv"))
+    (tmp_path / "blank.csv").write_text("path,label\nx.png,cat\ny.png,\n")
+    with pytest.raises(DataError, match="empty path or label"):
+        data.list_labelled(str(tmp_path / "blank.csv"))
+    with pytest.raises(DataError, match="does not exist"):
+        data.list_labelled(str(tmp_path / "missing.csv"))

@@ -3,7 +3,6 @@
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,15 +11,9 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def stop_cluster(temp_dir: str) -> None:
