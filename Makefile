@@ -31,6 +31,7 @@ test: $(STAMP)
 
 bench: data
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/read_throughput.py
 
 clean:
 	rm -rf runs bench/results .pytest_cache

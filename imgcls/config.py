@@ -122,11 +122,61 @@ class StorageConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    name: Literal["seed_cnn"] = Field(
+    name: Literal["seed_cnn", "cnn"] = Field(
         default="seed_cnn",
-        description="Architecture. `seed_cnn` is the tutorial network: Conv2D(32, 3x3) -> MaxPool -> "
-        "Flatten -> Dense(128) -> sigmoid/softmax.",
+        description="Architecture. `seed_cnn` is the tutorial network, fixed: Conv2D(32, 3x3) -> MaxPool -> "
+        "Flatten -> Dense(128) -> sigmoid/softmax. `cnn` is built from the keys below.",
     )
+    filters: list[int] = Field(
+        default=[32, 64, 128],
+        min_length=1,
+        description="cnn: one conv block per entry, with this many filters. Doubling per block is the usual rule.",
+    )
+    convs_per_block: int = Field(default=2, ge=1, le=4, description="cnn: Conv2D layers in each block.")
+    kernel_size: int = Field(default=3, ge=1, le=11, description="cnn: square kernel side in pixels.")
+    batch_norm: bool = Field(default=True, description="cnn: BatchNormalization after each convolution.")
+    block_dropout: float = Field(default=0.1, ge=0, lt=1, description="cnn: dropout rate after each block.")
+    pooling: Literal["max", "average"] = Field(default="max", description="cnn: 2x2 pooling after each block.")
+    head: Literal["global_average", "flatten"] = Field(
+        default="global_average",
+        description="cnn: how feature maps become a vector: global average pooling (few parameters) or flatten.",
+    )
+    dense_units: list[int] = Field(default=[128], description="cnn: hidden Dense layers (relu) before the output.")
+    dense_dropout: float = Field(default=0.3, ge=0, lt=1, description="cnn: dropout rate before each Dense layer.")
+
+    @field_validator("filters", "dense_units")
+    @classmethod
+    def _positive_sizes(cls, value: list[int]) -> list[int]:
+        if any(size <= 0 for size in value):
+            raise ValueError(f"every entry must be a positive integer, got {value}")
+        return value
+
+
+class ScheduleConfig(StrictModel):
+    """Learning rate over training; `train.learning_rate` is the peak/base rate."""
+
+    name: Literal["constant", "step", "cosine", "reduce_on_plateau"] = Field(
+        default="constant",
+        description="constant; step (x step_factor every step_epochs); cosine (to min_learning_rate at the end); "
+        "reduce_on_plateau (x plateau_factor when `monitor` stalls for plateau_patience epochs).",
+    )
+    warmup_epochs: float = Field(
+        default=0.0, ge=0, description="Linear warm-up from ~0 to the base rate over this many epochs, before any schedule."
+    )
+    step_epochs: int = Field(default=10, ge=1, description="step: epochs between decays.")
+    step_factor: float = Field(default=0.1, gt=0, le=1, description="step: multiplier at each decay.")
+    min_learning_rate: float = Field(default=0.0, ge=0, description="cosine and reduce_on_plateau: the floor.")
+    plateau_factor: float = Field(default=0.5, gt=0, lt=1, description="reduce_on_plateau: multiplier on a plateau.")
+    plateau_patience: int = Field(default=2, ge=1, description="reduce_on_plateau: epochs without improvement.")
+    monitor: str = Field(default="val_loss", description="reduce_on_plateau: metric watched (min for *loss, else max).")
+
+
+class EarlyStoppingConfig(StrictModel):
+    enabled: bool = Field(default=False, description="Stop when `monitor` stops improving.")
+    monitor: str = Field(default="val_loss", description="Metric watched: minimised if it ends in 'loss', else maximised.")
+    patience: int = Field(default=3, ge=1, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(default=0.0, ge=0, description="Smallest change that counts as an improvement.")
+    restore_best_weights: bool = Field(default=True, description="End with the weights of the best epoch.")
 
 
 class TrainConfig(StrictModel):
@@ -140,6 +190,30 @@ class TrainConfig(StrictModel):
     optimizer: Literal["adam", "adamw", "sgd"] = Field(
         default="adam", description="adam (the tutorial's), adamw (decoupled weight decay 1e-4) or sgd (momentum 0.9)."
     )
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=1, description="Soften one-hot targets by this much (0.1 is common); 0 disables."
+    )
+    class_weights: Literal["balanced"] | dict[str, float] | None = Field(
+        default=None,
+        description="Loss weight per class for imbalanced data: none, `balanced` (n / (classes x count)), "
+        "or a mapping {class_name: weight} (missing classes weigh 1).",
+    )
+    max_failures: int = Field(
+        default=0, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit)."
+    )
+    checkpoint_monitor: str = Field(
+        default="val_loss",
+        description="Metric that ranks checkpoints (minimised if it ends in 'loss'); `loss` is used without validation.",
+    )
+    checkpoints_to_keep: int | None = Field(
+        default=None, ge=1, description="Best checkpoints kept by checkpoint_monitor; unset keeps all."
+    )
+    mixed_precision: bool = Field(
+        default=False, description="float16 compute with loss scaling; only applied when scaling.use_gpu is on."
+    )
+    tensorboard: bool = Field(default=False, description="Write TensorBoard event files to output_dir/tensorboard.")
 
 
 class ScalingConfig(StrictModel):

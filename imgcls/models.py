@@ -16,8 +16,8 @@ def task_for(num_classes: int) -> str:
 
 def classification_head(features, num_classes: int):
     if task_for(num_classes) == "binary":
-        return keras.layers.Dense(1, activation="sigmoid", name="predictions")(features)
-    return keras.layers.Dense(num_classes, activation="softmax", name="predictions")(features)
+        return keras.layers.Dense(1, activation="sigmoid", name="predictions", dtype="float32")(features)
+    return keras.layers.Dense(num_classes, activation="softmax", name="predictions", dtype="float32")(features)
 
 
 def create_seed_cnn(image_size: tuple[int, int], channels: int, num_classes: int) -> keras.Model:
@@ -32,18 +32,90 @@ def create_seed_cnn(image_size: tuple[int, int], channels: int, num_classes: int
     return keras.Model(inputs, outputs, name="seed_cnn")
 
 
+def create_cnn(config: ModelConfig, image_size: tuple[int, int], channels: int, num_classes: int) -> keras.Model:
+    """A deeper, regularised CNN: conv blocks (Conv-BN-ReLU x n, pooling, dropout), then a dense head."""
+    inputs = keras.Input(shape=(*image_size, channels), name="image")
+    features = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    pooling_layer = keras.layers.MaxPooling2D if config.pooling == "max" else keras.layers.AveragePooling2D
+    for block, filters in enumerate(config.filters, start=1):
+        for conv in range(1, config.convs_per_block + 1):
+            name = f"block{block}_conv{conv}"
+            features = keras.layers.Conv2D(
+                filters, config.kernel_size, padding="same", use_bias=not config.batch_norm, name=name
+            )(features)
+            if config.batch_norm:
+                features = keras.layers.BatchNormalization(name=f"{name}_bn")(features)
+            features = keras.layers.Activation("relu", name=f"{name}_relu")(features)
+        if min(features.shape[1], features.shape[2]) >= 2:
+            features = pooling_layer((2, 2), name=f"block{block}_pool")(features)
+        if config.block_dropout:
+            features = keras.layers.Dropout(config.block_dropout, name=f"block{block}_dropout")(features)
+    if config.head == "global_average":
+        features = keras.layers.GlobalAveragePooling2D(name="global_pool")(features)
+    else:
+        features = keras.layers.Flatten(name="flatten")(features)
+    for index, units in enumerate(config.dense_units, start=1):
+        if config.dense_dropout:
+            features = keras.layers.Dropout(config.dense_dropout, name=f"dense{index}_dropout")(features)
+        features = keras.layers.Dense(units, activation="relu", name=f"dense{index}")(features)
+    if config.dense_dropout:
+        features = keras.layers.Dropout(config.dense_dropout, name="head_dropout")(features)
+    outputs = classification_head(features, num_classes)
+    return keras.Model(inputs, outputs, name="cnn")
+
+
 def create_model(config: ModelConfig, image_size: tuple[int, int], channels: int, num_classes: int) -> keras.Model:
     """Build the configured architecture (uncompiled)."""
     if config.name == "seed_cnn":
         return create_seed_cnn(tuple(image_size), channels, num_classes)
+    if config.name == "cnn":
+        return create_cnn(config, tuple(image_size), channels, num_classes)
     raise ValueError(f"unknown model.name {config.name!r}")
 
 
-def create_loss(num_classes: int) -> keras.losses.Loss:
-    """Per-example losses (no reduction): the distributed step averages over the global batch itself."""
-    if task_for(num_classes) == "binary":
-        return keras.losses.BinaryCrossentropy(reduction=None)
-    return keras.losses.SparseCategoricalCrossentropy(reduction=None)
+def class_weight_vector(
+    class_weights: str | dict[str, float] | None, class_names: list[str], class_counts: dict[str, int]
+) -> list[float] | None:
+    """Per-class loss weights in class order; `balanced` gives n / (classes x count)."""
+    if class_weights is None:
+        return None
+    if class_weights == "balanced":
+        total = sum(class_counts.values())
+        return [total / (len(class_names) * max(class_counts.get(name, 0), 1)) for name in class_names]
+    unknown = sorted(set(class_weights) - set(class_names))
+    if unknown:
+        raise ValueError(f"train.class_weights names unknown class(es) {unknown}; classes are {class_names}")
+    return [float(class_weights.get(name, 1.0)) for name in class_names]
+
+
+def create_loss(num_classes: int, label_smoothing: float = 0.0, class_weights: list[float] | None = None):
+    """A function (integer labels, probabilities) -> per-example losses, with optional label smoothing
+    and class weights. No reduction: the distributed step averages over the global batch itself."""
+    import tensorflow as tf
+
+    binary = task_for(num_classes) == "binary"
+    if binary:
+        base = keras.losses.BinaryCrossentropy(reduction=None, label_smoothing=label_smoothing)
+    elif label_smoothing:
+        base = keras.losses.CategoricalCrossentropy(reduction=None, label_smoothing=label_smoothing)
+    else:
+        base = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+    weights = tf.constant(class_weights, tf.float32) if class_weights else None
+
+    def per_example_loss(labels, probabilities):
+        labels = tf.cast(labels, tf.int32)
+        if binary:
+            targets = tf.cast(tf.expand_dims(labels, -1), tf.float32)
+        elif label_smoothing:
+            targets = tf.one_hot(labels, num_classes)
+        else:
+            targets = labels
+        losses = base(targets, probabilities)
+        if weights is not None:
+            losses = losses * tf.gather(weights, labels)
+        return losses
+
+    return per_example_loss
 
 
 def create_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:

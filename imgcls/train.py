@@ -19,12 +19,14 @@ from pydantic import BaseModel
 
 from imgcls import storage
 from imgcls.config import JobConfig, config_to_yaml
-from imgcls.errors import DataError
+from imgcls.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_MODEL_FILE = "model.keras"
 CHECKPOINT_STATE_FILE = "state.json"
+CHECKPOINT_OPTIMIZER_FILE = "optimizer_state.npz"
+CHECKPOINT_BEST_FILE = "best_weights.npz"
 
 
 class TrainResult(BaseModel):
@@ -77,8 +79,16 @@ def evaluation_batches(shard, batch_size: int):
     return shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
 
 
+def _monitor_order(monitor: str) -> str:
+    return "min" if monitor.endswith("loss") else "max"
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: one model replica, one shard of the data."""
+    """Runs on every Ray Train worker: one model replica, one shard of the data.
+
+    Resumes from `ray.train.get_checkpoint()` when Ray Train restarts the workers after a failure,
+    or when the same run (same output_dir) is started again after the driver died.
+    """
     import numpy as np
     import ray.train
     import tensorflow as tf
@@ -89,30 +99,55 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import keras
 
     from imgcls.models import create_loss, create_model, create_optimizer
+    from imgcls.schedules import EarlyStopper, PlateauTracker, learning_rate_at
 
     _configure_worker_logging()
     config = JobConfig.model_validate(loop_config["config"])
     class_names: list[str] = loop_config["class_names"]
     steps_per_epoch: int = loop_config["steps_per_epoch"]
     rows_per_worker: int = loop_config["rows_per_worker"]
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    world_size = context.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     num_classes = len(class_names)
     binary = num_classes == 2
     batch_size = config.train.batch_size
+    total_epochs = config.train.epochs
+    mixed_precision = config.train.mixed_precision and config.scaling.use_gpu
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
 
     keras.utils.set_random_seed(config.seed)
     with strategy.scope():
         model = create_model(config.model, tuple(config.data.image_size), config.data.channels, num_classes)
         optimizer = create_optimizer(config.train.optimizer, config.train.learning_rate)
-        # Compiling attaches the optimizer so checkpoints carry its state; fit() is never called.
-        model.compile(optimizer=optimizer)
+        if mixed_precision:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         optimizer.build(model.trainable_variables)
-    loss_function = create_loss(num_classes)
+    loss_function = create_loss(num_classes, config.train.label_smoothing, loop_config["class_weights"])
 
-    def targets_for(labels):
-        return tf.cast(tf.expand_dims(labels, -1), tf.float32) if binary else labels
+    # Training state that must survive a restart, restored from the latest checkpoint.
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
+    plateau = PlateauTracker(config.train.schedule)
+    stopper = EarlyStopper(config.train.early_stopping)
+    best_weights = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as checkpoint_dir:
+            state = json.loads((Path(checkpoint_dir) / CHECKPOINT_STATE_FILE).read_text())
+            model.load_weights(Path(checkpoint_dir) / CHECKPOINT_MODEL_FILE)
+            saved_optimizer = np.load(Path(checkpoint_dir) / CHECKPOINT_OPTIMIZER_FILE)
+            for index, variable in enumerate(optimizer.variables):
+                variable.assign(saved_optimizer[f"variable_{index}"])
+            if (Path(checkpoint_dir) / CHECKPOINT_BEST_FILE).exists():
+                with np.load(Path(checkpoint_dir) / CHECKPOINT_BEST_FILE) as saved_best:
+                    best_weights = [saved_best[f"weight_{index}"] for index in range(len(saved_best.files))]
+        start_epoch, history = state["epoch"], state["history"]
+        plateau = PlateauTracker(config.train.schedule, **state["plateau"])
+        stopper = EarlyStopper(config.train.early_stopping, **state["early_stopping"])
+        if rank == 0:
+            logger.info("resuming from the checkpoint after epoch %d of %d", start_epoch, total_epochs)
+        if state.get("stopped_early") or start_epoch >= total_epochs:
+            start_epoch = total_epochs  # Nothing left to train; report the restored state once more below.
 
     def correct_count(labels, probabilities):
         if binary:
@@ -123,19 +158,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def replica_train_step(images, labels):
         images = tf.cast(images, tf.float32)
+        labels = tf.cast(labels, tf.int32)
         global_batch_size = tf.shape(labels)[0] * strategy.num_replicas_in_sync
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
-            per_example_loss = loss_function(targets_for(labels), probabilities)
+            per_example_loss = loss_function(labels, probabilities)
             loss = tf.nn.compute_average_loss(per_example_loss, global_batch_size=global_batch_size)
-        gradients = tape.gradient(loss, model.trainable_variables)
+            scaled_loss = optimizer.scale_loss(loss) if mixed_precision else loss
+        gradients = tape.gradient(scaled_loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables))
         count = tf.cast(tf.shape(labels)[0], tf.float32)
         return tf.stack([tf.reduce_sum(per_example_loss), correct_count(labels, probabilities), count])
 
     def replica_eval_step(images, labels):
+        labels = tf.cast(labels, tf.int32)
         probabilities = model(tf.cast(images, tf.float32), training=False)
-        per_example_loss = loss_function(targets_for(labels), probabilities)
+        per_example_loss = loss_function(labels, probabilities)
         count = tf.cast(tf.shape(labels)[0], tf.float32)
         return tf.stack([tf.reduce_sum(per_example_loss), correct_count(labels, probabilities), count])
 
@@ -163,14 +201,47 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def weights_checksum() -> float:
         return float(sum(np.asarray(variable.numpy(), dtype=np.float64).sum() for variable in model.weights))
 
+    learning_rate_target = optimizer.inner_optimizer if mixed_precision else optimizer
+    current_learning_rate = None
+
+    def set_learning_rate(value: float) -> None:
+        nonlocal current_learning_rate
+        if value != current_learning_rate:
+            learning_rate_target.learning_rate.assign(value)
+            current_learning_rate = value
+
+    def save_and_report(metrics: dict[str, Any], epoch_done: int, stopped_early: bool) -> None:
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        state = {
+            "epoch": epoch_done,
+            "history": history,
+            "plateau": plateau.state(),
+            "early_stopping": stopper.state(),
+            "stopped_early": stopped_early,
+        }
+        with tempfile.TemporaryDirectory(prefix="imgcls-checkpoint-") as checkpoint_dir:
+            directory = Path(checkpoint_dir)
+            model.save(directory / CHECKPOINT_MODEL_FILE, include_optimizer=False)
+            np.savez(
+                directory / CHECKPOINT_OPTIMIZER_FILE,
+                **{f"variable_{index}": variable.numpy() for index, variable in enumerate(optimizer.variables)},
+            )
+            if best_weights is not None:
+                np.savez(directory / CHECKPOINT_BEST_FILE, **{f"weight_{i}": w for i, w in enumerate(best_weights)})
+            (directory / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+
     train_shard = loop_config["train_shards"][rank]
     val_shards = loop_config["val_shards"]
     val_shard = val_shards[rank] if val_shards else None
     shuffle_buffer = max(batch_size, min(2048, rows_per_worker))
-    history: list[dict[str, Any]] = []
     training_started = time.perf_counter()
+    early = config.train.early_stopping
+    stopped_early = False
 
-    for epoch in range(config.train.epochs):
+    for epoch in range(start_epoch, total_epochs):
         epoch_started = time.perf_counter()
         local_sums = np.zeros(3, dtype=np.float64)
         steps = 0
@@ -183,22 +254,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ):
             if steps == steps_per_epoch:
                 raise RuntimeError(f"worker {rank} received more than the planned {steps_per_epoch} batches")
+            set_learning_rate(
+                learning_rate_at(
+                    config.train.schedule,
+                    config.train.learning_rate,
+                    epoch * steps_per_epoch + steps,
+                    steps_per_epoch,
+                    total_epochs,
+                    plateau.scale,
+                )
+            )
             local_sums += train_step(batch["image"], batch["label"]).numpy()
             steps += 1
         if steps != steps_per_epoch:
             # Stopping here (rather than waiting in a collective the others never join) lets Ray
             # Train tear the group down instead of hanging.
             raise RuntimeError(f"worker {rank} received {steps} batches, planned {steps_per_epoch}")
-        train_loss, train_correct, train_count = sum_across_workers(
-            tf.constant(local_sums, dtype=tf.float32)
-        ).numpy()
-        epoch_seconds = time.perf_counter() - epoch_started
+        train_loss, train_correct, train_count = sum_across_workers(tf.constant(local_sums, dtype=tf.float32)).numpy()
+        train_seconds = time.perf_counter() - epoch_started
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": float(train_loss / train_count),
             "accuracy": float(train_correct / train_count),
-            "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
-            "images_per_second": float(train_count / epoch_seconds),
+            "learning_rate": float(current_learning_rate),
+            "images_per_second": float(train_count / train_seconds),
             "train_images": int(train_count),
         }
         if val_shard is not None:
@@ -210,22 +289,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics["val_accuracy"] = float(val_correct / max(val_count, 1.0))
         metrics["epoch_seconds"] = time.perf_counter() - epoch_started
         history.append(dict(metrics))
-        last_epoch = epoch + 1 == config.train.epochs
+        if config.train.schedule.name == "reduce_on_plateau":
+            plateau.update(metrics)
+        if early.enabled:
+            stopped_early = stopper.update(epoch + 1, metrics)
+            if early.restore_best_weights and stopper.best_epoch == epoch + 1:
+                best_weights = [np.array(weight) for weight in model.get_weights()]
+        last_epoch = stopped_early or epoch + 1 == total_epochs
+        if stopped_early and early.restore_best_weights and best_weights is not None:
+            model.set_weights(best_weights)
+            metrics["restored_epoch"] = stopper.best_epoch
         if last_epoch:
             checksums = gather_across_workers(tf.constant([weights_checksum()], dtype=tf.float64)).numpy()
             metrics["weights_checksums"] = [float(value) for value in checksums]
+            metrics["stopped_early"] = stopped_early
         if rank == 0:
-            elapsed = time.perf_counter() - training_started
-            remaining = elapsed / (epoch + 1) * (config.train.epochs - epoch - 1)
+            done = epoch + 1 - start_epoch
+            remaining = (time.perf_counter() - training_started) / done * (total_epochs - epoch - 1)
             validation = (
                 f" val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f}"
                 if "val_loss" in metrics
                 else ""
             )
             logger.info(
-                "epoch %d/%d loss %.4f accuracy %.4f%s lr %.2g images/s %.0f eta %s",
+                "epoch %d/%d loss %.4f accuracy %.4f%s lr %.3g images/s %.0f eta %s",
                 epoch + 1,
-                config.train.epochs,
+                total_epochs,
                 metrics["loss"],
                 metrics["accuracy"],
                 validation,
@@ -233,13 +322,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics["images_per_second"],
                 _format_seconds(remaining),
             )
-            with tempfile.TemporaryDirectory(prefix="imgcls-checkpoint-") as checkpoint_dir:
-                model.save(Path(checkpoint_dir) / CHECKPOINT_MODEL_FILE)
-                state = {"epoch": epoch + 1, "history": history}
-                (Path(checkpoint_dir) / CHECKPOINT_STATE_FILE).write_text(json.dumps(state, indent=2))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
-        else:
-            ray.train.report(metrics)
+            if stopped_early:
+                logger.info(
+                    "early stopping: %s did not improve for %d epochs; %s",
+                    early.monitor,
+                    early.patience,
+                    f"restored the weights of epoch {stopper.best_epoch}"
+                    if "restored_epoch" in metrics
+                    else "keeping the last weights",
+                )
+        save_and_report(metrics, epoch + 1, stopped_early)
+        if stopped_early:
+            break
+    else:
+        if start_epoch >= total_epochs and rank == 0:
+            logger.info("training had already finished; nothing left to do")
 
 
 # --------------------------------------------------------------------------- driver side
@@ -258,6 +355,70 @@ def _write_augmentation_samples(output_dir: storage.Location, dataset, config: J
     grid.save(buffer, format="PNG")
     storage.write_bytes_atomic(output_dir.join("augmentation_samples.png"), buffer.getvalue())
     logger.info("augmentation: %s; samples in %s", describe(config.augment), output_dir.join("augmentation_samples.png").uri)
+
+
+def _check_resumable(output_dir: storage.Location, config: JobConfig) -> None:
+    """Rerunning into the same output_dir resumes; refuse when the earlier run's model cannot be resumed."""
+    import yaml
+
+    saved_config = output_dir.join("config.yaml")
+    checkpoints = output_dir.join("checkpoints", "train")
+    if not storage.exists(checkpoints) or not storage.exists(saved_config):
+        return
+    earlier = yaml.safe_load(storage.read_bytes(saved_config))
+    current = config.model_dump(mode="json")
+    changed = [
+        key
+        for section, key in (("model", None), ("data", "image_size"), ("data", "channels"), ("data", "train"))
+        if (earlier.get(section) if key is None else earlier.get(section, {}).get(key))
+        != (current.get(section) if key is None else current.get(section, {}).get(key))
+    ]
+    if changed:
+        names = ["model" if key is None else f"data.{key}" for key in changed]
+        raise ConfigError(
+            f"{output_dir.uri} holds checkpoints of an earlier run with a different {', '.join(names)}; "
+            "rerunning into the same output_dir resumes that run. Use a new output_dir to start afresh."
+        )
+    logger.info("found checkpoints of an earlier run in %s: resuming from the latest", checkpoints.uri)
+
+
+def write_history(output_dir: storage.Location, history: list[dict[str, Any]], tensorboard: bool) -> None:
+    """history.csv, training_curves.png and (optionally) TensorBoard events, from the per-epoch metrics."""
+    import csv
+    import io
+
+    from imgcls.plots import training_curves
+
+    columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second",
+               "epoch_seconds"]  # fmt: skip
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    storage.write_text_atomic(output_dir.join("history.csv"), text.getvalue())
+    storage.write_bytes_atomic(output_dir.join("training_curves.png"), training_curves(history))
+    if tensorboard:
+        _write_tensorboard(output_dir.join("tensorboard"), history)
+
+
+def _write_tensorboard(destination: storage.Location, history: list[dict[str, Any]]) -> None:
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="imgcls-tensorboard-") as local:
+        for split, prefix in (("train", ""), ("validation", "val_")):
+            writer = tf.summary.create_file_writer(str(Path(local) / split))
+            with writer.as_default():
+                for entry in history:
+                    for name in ("loss", "accuracy"):
+                        if f"{prefix}{name}" in entry:
+                            tf.summary.scalar(name, entry[f"{prefix}{name}"], step=entry["epoch"])
+                    if split == "train":
+                        tf.summary.scalar("learning_rate", entry["learning_rate"], step=entry["epoch"])
+                        tf.summary.scalar("images_per_second", entry["images_per_second"], step=entry["epoch"])
+            writer.close()
+        for path in Path(local).rglob("*"):
+            if path.is_file():
+                storage.write_bytes_atomic(destination.join(path.relative_to(local).as_posix()), path.read_bytes())
 
 
 def _write_skipped(output_dir: storage.Location, skipped: list[dict[str, str]]) -> None:
@@ -326,7 +487,7 @@ def run(config: JobConfig) -> TrainResult:
     from ray.train.tensorflow import TensorflowTrainer
 
     from imgcls.artifact import save_artifact
-    from imgcls.models import task_for
+    from imgcls.models import class_weight_vector, task_for
     from imgcls.ray_runtime import cluster_totals, ensure_ray
     from imgcls.resources import plan_training
 
@@ -336,6 +497,7 @@ def run(config: JobConfig) -> TrainResult:
     logger.info("resource plan: %s", plan.describe())
 
     output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
+    _check_resumable(output_dir, config)
     storage.write_text_atomic(output_dir.join("config.yaml"), config_to_yaml(config))
     class_names, train_split, val_split = _prepare_data(config)
     skipped = train_split.skipped + (val_split.skipped if val_split else [])
@@ -356,6 +518,16 @@ def run(config: JobConfig) -> TrainResult:
         val_split.dataset.split(plan.num_workers, equal=False) if val_split is not None and val_split.num_rows else None
     )
 
+    monitor = config.train.checkpoint_monitor if val_shards else "loss"
+    try:
+        class_weights = class_weight_vector(config.train.class_weights, class_names, train_split.class_counts)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.train.early_stopping.enabled and config.train.early_stopping.monitor.startswith("val_") and not val_shards:
+        raise ConfigError(
+            f"train.early_stopping.monitor is '{config.train.early_stopping.monitor}' but there is no validation "
+            "set: set data.val or data.val_fraction > 0, or monitor 'loss'."
+        )
     resources_per_worker: dict[str, float] = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources_per_worker["GPU"] = plan.gpus_per_worker
@@ -368,6 +540,7 @@ def run(config: JobConfig) -> TrainResult:
             "rows_per_worker": rows_per_worker,
             "train_shards": train_shards,
             "val_shards": val_shards,
+            "class_weights": class_weights,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources_per_worker
@@ -376,7 +549,12 @@ def run(config: JobConfig) -> TrainResult:
             name="train",
             storage_path=output_dir.join("checkpoints").path,
             storage_filesystem=None if output_dir.is_local else output_dir.filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.train.checkpoints_to_keep,
+                checkpoint_score_attribute=monitor,
+                checkpoint_score_order=_monitor_order(monitor),
+            ),
         ),
     )
     logger.info(
@@ -396,7 +574,10 @@ def run(config: JobConfig) -> TrainResult:
     with result.checkpoint.as_directory() as checkpoint_dir:
         model = keras.saving.load_model(Path(checkpoint_dir) / CHECKPOINT_MODEL_FILE, compile=False, safe_mode=True)
         state = json.loads((Path(checkpoint_dir) / CHECKPOINT_STATE_FILE).read_text())
-    final_metrics = {key: value for key, value in result.metrics.items() if not key.startswith("_")}
+    final_metrics = {key: value for key, value in (result.metrics or {}).items() if not key.startswith("_")}
+    if not final_metrics and state["history"]:
+        final_metrics = dict(state["history"][-1])
+    write_history(output_dir, state["history"], config.train.tensorboard)
     data_summary = {
         "train_uri": config.data.train,
         "val_uri": config.data.val,

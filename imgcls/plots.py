@@ -1,0 +1,79 @@
+"""Figures as PNG bytes (matplotlib, headless): training curves, confusion matrix, reliability diagram."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    _figure().close(figure)
+    return buffer.getvalue()
+
+
+def training_curves(history: list[dict[str, Any]]) -> bytes:
+    """Loss and accuracy per epoch, train against validation."""
+    plt = _figure()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [entry["epoch"] for entry in history]
+    for axis, name in zip(axes, ("loss", "accuracy")):
+        axis.plot(epochs, [entry[name] for entry in history], marker="o", label=f"train {name}")
+        if history and f"val_{name}" in history[0]:
+            axis.plot(epochs, [entry.get(f"val_{name}") for entry in history], marker="o", label=f"validation {name}")
+        axis.set_xlabel("epoch")
+        axis.set_title(name)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return _png(figure)
+
+
+def confusion_matrix_heatmap(matrix: np.ndarray, class_names: list[str]) -> bytes:
+    """Rows are true classes, columns predicted; each cell shows its count."""
+    plt = _figure()
+    size = max(4.0, 0.5 * len(class_names) + 2)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axis, fraction=0.046)
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axis.set_yticks(range(len(class_names)), class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for row in range(matrix.shape[0]):
+        for column in range(matrix.shape[1]):
+            axis.text(column, row, int(matrix[row, column]), ha="center", va="center",
+                      color="white" if matrix[row, column] > threshold else "black", fontsize=8)  # fmt: skip
+    axis.set_title("confusion matrix")
+    return _png(figure)
+
+
+def reliability_diagram(bin_confidence: list[float | None], bin_accuracy: list[float | None], bin_counts: list[int],
+                        expected_calibration_error: float) -> bytes:  # fmt: skip
+    """Accuracy against confidence per bin; the diagonal is perfect calibration."""
+    plt = _figure()
+    figure, axis = plt.subplots(figsize=(5, 5))
+    edges = np.linspace(0, 1, len(bin_counts) + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    accuracy = [value if value is not None else 0.0 for value in bin_accuracy]
+    axis.bar(centres, accuracy, width=1 / len(bin_counts), edgecolor="black", alpha=0.7, label="accuracy")
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_xlabel("confidence (top-1 score)")
+    axis.set_ylabel("accuracy")
+    axis.set_title(f"reliability (ECE {expected_calibration_error:.3f})")
+    axis.legend(loc="upper left")
+    return _png(figure)
