@@ -1,4 +1,4 @@
-"""One command-line front for every job: `imgcls train|predict`.
+"""One command-line front for every job: `imgcls train|predict|evaluate`.
 
 Exit codes a scheduler can alert on: 0 success, 2 user error (message, no traceback), 1 internal failure.
 """
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--top-k", type=int, default=None, help="Labels kept per image (default min(5, classes)).")
     predict.add_argument("--batch-size", type=int, default=None, help="Images per model call (default 64).")
     _add_set_option(predict)
+
+    evaluate = verbs.add_parser("evaluate", help="Measure a model on labelled images: metrics, figures, report.")
+    evaluate.add_argument("--model", required=True, help="Model artifact directory.")
+    evaluate.add_argument("--data", required=True, help="Labelled images: a folder per class or a manifest.")
+    evaluate.add_argument("--output", required=True, help="Folder for the report, metrics and figures.")
+    _add_set_option(evaluate)
     return parser
 
 
@@ -76,7 +82,19 @@ def _predict(arguments: argparse.Namespace) -> None:
     )
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"train": _train, "predict": _predict}
+def _evaluate(arguments: argparse.Namespace) -> None:
+    from imgcls import evaluate
+    from imgcls.config import EvaluateConfig, build_model, merge, parse_overrides
+
+    values = merge(
+        {"model": arguments.model, "data": arguments.data, "output": arguments.output},
+        parse_overrides(arguments.overrides),
+    )
+    summary = evaluate.run(build_model(EvaluateConfig, values, "evaluate arguments"))
+    print(f"accuracy {summary.accuracy:.4f} on {summary.evaluated} images ({summary.unreadable} unreadable) -> {summary.output_uri}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"train": _train, "predict": _predict, "evaluate": _evaluate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

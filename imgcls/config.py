@@ -276,6 +276,23 @@ class PredictConfig(StrictModel):
         return self
 
 
+class EvaluateConfig(StrictModel):
+    """Evaluation of an artifact on labelled images; CLI flags fill these and `--set` can change any."""
+
+    model: str = Field(description="URI of a model artifact directory.")
+    data: str = Field(description="Labelled images: a folder per class or a CSV/Parquet manifest with path,label.")
+    output: str = Field(description="Folder for metrics.json, figures, mistakes.parquet and report.md.")
+    top_k: int = Field(default=5, gt=0, description="k of the top-k accuracy (capped at the number of classes).")
+    calibration_bins: int = Field(default=15, ge=2, le=100, description="Equal-width confidence bins for the ECE.")
+    mistakes: int = Field(default=50, ge=0, description="Most confident mistakes kept in mistakes.parquet.")
+    batch_size: int = Field(default=64, gt=0, description="Images per model call in each actor.")
+    decode_batch_size: int = Field(default=64, gt=0, description="Images decoded per Ray Data task batch.")
+    num_actors: int | None = Field(default=None, gt=0, description="Model actors; unset: cluster CPUs minus one.")
+    use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
+    max_image_pixels: int = Field(default=89_478_485, gt=0, description="Larger images are refused as bombs.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
     """Turn `["a.b=1", "c=[1, 2]"]` into a nested dict; values are parsed as YAML."""
     nested: dict[str, Any] = {}

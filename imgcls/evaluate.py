@@ -1,0 +1,186 @@
+"""Evaluation: classify a labelled set with an artifact and write metrics, figures and a report."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel
+
+from imgcls import storage
+from imgcls.config import EvaluateConfig
+from imgcls.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluateSummary(BaseModel):
+    model_config = {"protected_namespaces": ()}
+
+    output_uri: str
+    model_version: str
+    images: int
+    evaluated: int
+    unreadable: int
+    accuracy: float
+    seconds: float
+
+
+def _probability_rows(table: pa.Table, class_names: list[str]) -> np.ndarray:
+    """Full probability vectors back from the predictor's ranked top-k lists (k = all classes)."""
+    index = {name: position for position, name in enumerate(class_names)}
+    probabilities = np.zeros((table.num_rows, len(class_names)), dtype=np.float64)
+    for row, (labels, scores) in enumerate(
+        zip(table.column("top_k_labels").to_pylist(), table.column("top_k_scores").to_pylist())
+    ):
+        for label, score in zip(labels, scores):
+            probabilities[row, index[label]] = score
+    return probabilities
+
+
+def _report_markdown(metrics: dict[str, Any], summary: EvaluateSummary, class_names: list[str]) -> str:
+    top_key = next(key for key in metrics if key.startswith("top_") and key.endswith("_accuracy"))
+    lines = [
+        f"# Evaluation of model {summary.model_version}",
+        "",
+        f"- images: {summary.images} ({summary.evaluated} evaluated, {summary.unreadable} unreadable, "
+        "listed in skipped_images.parquet)",
+        f"- accuracy: {metrics['accuracy']:.4f}",
+        f"- {top_key.replace('_', ' ')}: {metrics[top_key]:.4f}",
+        f"- expected calibration error: {metrics['calibration']['expected_calibration_error']:.4f}",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in class_names:
+        scores = metrics["per_class"][name]
+        lines.append(f"| {name} | {scores['precision']:.4f} | {scores['recall']:.4f} | {scores['f1']:.4f} | {scores['support']} |")
+    for average in ("macro_avg", "weighted_avg"):
+        scores = metrics[average]
+        lines.append(f"| *{average.replace('_', ' ')}* | {scores['precision']:.4f} | {scores['recall']:.4f} | {scores['f1']:.4f} | {summary.evaluated} |")
+    lines += [
+        "",
+        "## Confusion matrix",
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "Counts in [confusion_matrix.json](confusion_matrix.json); rows are true classes, columns predicted.",
+        "",
+        "## Calibration",
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+        "## Most confident mistakes",
+        "",
+        "See [mistakes.parquet](mistakes.parquet) (path, true, predicted, score).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def run(config: EvaluateConfig) -> EvaluateSummary:
+    import ray.data
+
+    from imgcls.artifact import read_metadata
+    from imgcls.data import decoded_dataset, list_labelled
+    from imgcls.metrics import classification_report
+    from imgcls.plots import confusion_matrix_heatmap, reliability_diagram
+    from imgcls.predict import Predictor
+    from imgcls.ray_runtime import cluster_totals, ensure_ray
+    from imgcls.resources import plan_prediction
+
+    started = time.perf_counter()
+    endpoint_url = config.storage.endpoint_url
+    metadata = read_metadata(config.model, endpoint_url)
+    class_names = metadata.class_names
+    images = list_labelled(config.data, endpoint_url)
+    unknown = sorted(set(images.class_names) - set(class_names))
+    if unknown:
+        raise DataError(
+            f"{config.data} has class(es) {unknown} that model {metadata.model_version} does not know "
+            f"(it knows {class_names}). Evaluate on the classes the model was trained on."
+        )
+    true_by_path = {path: class_names.index(label) for path, label in zip(images.paths, images.labels)}
+    ensure_ray()
+    totals = cluster_totals()
+    plan = plan_prediction(config.num_actors, config.use_gpu, totals["CPU"], totals["GPU"])
+    logger.info("evaluating model %s on %d labelled images from %s", metadata.model_version, len(images.paths), config.data)
+    predictions = decoded_dataset(
+        images.paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
+        config.decode_batch_size, endpoint_url,
+    ).map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model_uri": storage.resolve(config.model, endpoint_url).uri,
+                               "top_k": len(class_names), "batch_size": config.batch_size, "endpoint_url": endpoint_url},
+        batch_size=config.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+    )  # fmt: skip
+    table = pa.concat_tables(list(predictions.iter_batches(batch_format="pyarrow", batch_size=None)))
+    if table.num_rows != len(images.paths):
+        raise RuntimeError(f"got {table.num_rows} predictions for {len(images.paths)} images")
+    errored = table.filter(pa.compute.is_valid(table.column("error")))
+    readable = table.filter(pa.compute.is_null(table.column("error")))
+    if readable.num_rows == 0:
+        raise DataError(f"None of the {len(images.paths)} images under {config.data} is readable.")
+    true = np.array([true_by_path[path] for path in readable.column("path").to_pylist()], dtype=np.int64)
+    probabilities = _probability_rows(readable, class_names)
+    metrics = classification_report(true, probabilities, class_names, config.top_k, config.calibration_bins)
+    metrics["unreadable_images"] = errored.num_rows
+
+    output = storage.resolve(config.output, endpoint_url)
+    matrix = np.array(metrics["confusion_matrix"]["matrix"])
+    storage.write_text_atomic(output.join("metrics.json"), json.dumps(metrics, indent=2))
+    storage.write_text_atomic(output.join("confusion_matrix.json"), json.dumps(metrics["confusion_matrix"], indent=2))
+    storage.write_bytes_atomic(output.join("confusion_matrix.png"), confusion_matrix_heatmap(matrix, class_names))
+    calibration = metrics["calibration"]
+    storage.write_bytes_atomic(
+        output.join("reliability.png"),
+        reliability_diagram(calibration["bin_confidence"], calibration["bin_accuracy"], calibration["bin_counts"],
+                            calibration["expected_calibration_error"]),  # fmt: skip
+    )
+    predicted = probabilities.argmax(axis=1)
+    confidence = probabilities.max(axis=1)
+    wrong = np.flatnonzero(predicted != true)
+    wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][: config.mistakes]
+    paths = readable.column("path").to_pylist()
+    mistakes = pa.table(
+        {
+            "path": pa.array([paths[i] for i in wrong], pa.string()),
+            "true": pa.array([class_names[true[i]] for i in wrong], pa.string()),
+            "predicted": pa.array([class_names[predicted[i]] for i in wrong], pa.string()),
+            "score": pa.array(confidence[wrong], pa.float32()),
+        }
+    )
+    storage.write_bytes_atomic(output.join("mistakes.parquet"), _parquet_bytes(mistakes))
+    storage.write_bytes_atomic(
+        output.join("skipped_images.parquet"), _parquet_bytes(errored.select(["path", "error"]))
+    )
+    summary = EvaluateSummary(
+        output_uri=output.uri,
+        model_version=metadata.model_version,
+        images=len(images.paths),
+        evaluated=readable.num_rows,
+        unreadable=errored.num_rows,
+        accuracy=metrics["accuracy"],
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    storage.write_text_atomic(output.join("report.md"), _report_markdown(metrics, summary, class_names))
+    logger.info(
+        "accuracy %.4f on %d images (%d unreadable), ECE %.4f; report %s",
+        metrics["accuracy"], summary.evaluated, summary.unreadable, calibration["expected_calibration_error"],
+        output.join("report.md").uri,
+    )  # fmt: skip
+    return summary
