@@ -135,6 +135,13 @@ class ModelConfig(StrictModel):
     convs_per_block: int = Field(default=2, ge=1, le=4, description="cnn: Conv2D layers in each block.")
     kernel_size: int = Field(default=3, ge=1, le=11, description="cnn: square kernel side in pixels.")
     batch_norm: bool = Field(default=True, description="cnn: BatchNormalization after each convolution.")
+    batch_norm_momentum: float = Field(
+        default=0.9,
+        gt=0,
+        lt=1,
+        description="cnn: BatchNorm moving-statistics momentum. Keras' 0.99 needs thousands of steps to settle; "
+        "0.9 suits the few hundred steps of a small data set.",
+    )
     block_dropout: float = Field(default=0.1, ge=0, lt=1, description="cnn: dropout rate after each block.")
     pooling: Literal["max", "average"] = Field(default="max", description="cnn: 2x2 pooling after each block.")
     head: Literal["global_average", "flatten"] = Field(

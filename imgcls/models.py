@@ -44,7 +44,7 @@ def create_cnn(config: ModelConfig, image_size: tuple[int, int], channels: int, 
                 filters, config.kernel_size, padding="same", use_bias=not config.batch_norm, name=name
             )(features)
             if config.batch_norm:
-                features = keras.layers.BatchNormalization(name=f"{name}_bn")(features)
+                features = keras.layers.BatchNormalization(momentum=config.batch_norm_momentum, name=f"{name}_bn")(features)
             features = keras.layers.Activation("relu", name=f"{name}_relu")(features)
         if min(features.shape[1], features.shape[2]) >= 2:
             features = pooling_layer((2, 2), name=f"block{block}_pool")(features)
