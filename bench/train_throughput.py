@@ -4,7 +4,7 @@
 Reports steady-state images/s (epochs after the first, which pays for tracing and warm-up) and the
 wall time of each whole job, then the ratios. Results go to bench/results/train_throughput.json.
 
-Usage: python bench/train_throughput.py [--data examples/data/digits/train] [--epochs 6] [--batch-size 32]
+Usage: python bench/train_throughput.py [--data examples/data/digits/train] [--epochs 15] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -81,8 +81,12 @@ def plain_keras_baseline(data: Path, image_size: tuple[int, int], channels: int,
 
 
 def imgcls_run(data: Path, workers: int, epochs: int, batch_size: int, image_size, channels, output: Path):
+    import shutil
+
     from imgcls import train
     from imgcls.config import load_job_config
+
+    shutil.rmtree(output, ignore_errors=True)  # a fresh run: an existing output_dir would be resumed
 
     config = load_job_config(
         None,
@@ -114,7 +118,7 @@ def imgcls_run(data: Path, workers: int, epochs: int, batch_size: int, image_siz
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="examples/data/digits/train")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=1)

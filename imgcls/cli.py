@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, help="Parquet dataset directory for the predictions.")
     predict.add_argument("--top-k", type=int, default=None, help="Labels kept per image (default min(5, classes)).")
     predict.add_argument("--batch-size", type=int, default=None, help="Images per model call (default 64).")
+    predict.add_argument("--min-score", type=float, default=None, help="Label rows whose top score is lower 'unknown'.")
+    predict.add_argument("--rows-per-file", type=int, default=None, help="Upper bound on rows per Parquet file.")
+    predict.add_argument("--partition-by", choices=["run_date"], default=None, help="Write run_date=YYYY-MM-DD/ partitions.")
+    predict.add_argument(
+        "--overwrite", action="store_true", help="Reclassify everything and replace the output (default: only new images)."
+    )
     _add_set_option(predict)
 
     evaluate = verbs.add_parser("evaluate", help="Measure a model on labelled images: metrics, figures, report.")
@@ -72,13 +78,16 @@ def _predict(arguments: argparse.Namespace) -> None:
     values = {"model": arguments.model, "input": arguments.input, "output": arguments.output}
     if arguments.top_k is not None:
         values["top_k"] = arguments.top_k
-    if arguments.batch_size is not None:
-        values["batch_size"] = arguments.batch_size
+    for option in ("batch_size", "min_score", "rows_per_file", "partition_by"):
+        if getattr(arguments, option) is not None:
+            values[option] = getattr(arguments, option)
+    if arguments.overwrite:
+        values["overwrite"] = True
     values = merge(values, parse_overrides(arguments.overrides))
     summary = predict.run(build_model(PredictConfig, values, "predict arguments"))
     print(
-        f"{summary.images_listed} images, {summary.classified} classified, {summary.errored} errored, "
-        f"{summary.images_per_second} images/s -> {summary.output_uri}"
+        f"{summary.images_listed} images listed, {summary.already_done} already done, {summary.classified} classified, "
+        f"{summary.errored} errored, {summary.images_per_second} images/s -> {summary.output_uri}"
     )
 
 

@@ -274,6 +274,23 @@ class PredictConfig(StrictModel):
     max_image_pixels: int = Field(
         default=89_478_485, gt=0, description="Larger images are refused as possible decompression bombs."
     )
+    min_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Rows whose top score is below this get label 'unknown' (their top-k is kept). Unset: off.",
+    )
+    rows_per_file: int | None = Field(
+        default=None, gt=0, description="Upper bound on rows per Parquet file (bounds file sizes). Unset: Ray's default."
+    )
+    partition_by: Literal["run_date"] | None = Field(
+        default=None, description="run_date: write each run under `run_date=YYYY-MM-DD/` (UTC) partitions."
+    )
+    overwrite: bool = Field(
+        default=False,
+        description="Reclassify every input and replace the earlier output. Default: skip images already in the "
+        "output for this model_version, so a rerun only classifies new arrivals.",
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")

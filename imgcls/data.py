@@ -277,15 +277,18 @@ def decoded_dataset(
     max_pixels: int,
     decode_batch_size: int,
     endpoint_url: str | None = None,
+    num_cpus: float | None = None,
 ):
     """A lazy Ray Dataset of path (+label), image and error columns."""
     import ray.data
 
     dataset = ray.data.from_arrow(paths_table(paths, label_indices))
+    resources = {"num_cpus": num_cpus} if num_cpus is not None else {}
     return dataset.map_batches(
         decode_batch,
         batch_size=decode_batch_size,
         batch_format="numpy",
+        **resources,
         fn_kwargs={
             "image_size": tuple(image_size),
             "channels": channels,

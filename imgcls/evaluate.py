@@ -98,7 +98,7 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     from imgcls.data import decoded_dataset, list_labelled
     from imgcls.metrics import classification_report
     from imgcls.plots import confusion_matrix_heatmap, reliability_diagram
-    from imgcls.predict import Predictor
+    from imgcls.predict import DECODE_TASK_CPUS, Predictor
     from imgcls.ray_runtime import cluster_totals, ensure_ray
     from imgcls.resources import plan_prediction
 
@@ -120,7 +120,7 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     logger.info("evaluating model %s on %d labelled images from %s", metadata.model_version, len(images.paths), config.data)
     predictions = decoded_dataset(
         images.paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
-        config.decode_batch_size, endpoint_url,
+        config.decode_batch_size, endpoint_url, num_cpus=DECODE_TASK_CPUS,
     ).map_batches(
         Predictor,
         fn_constructor_kwargs={"model_uri": storage.resolve(config.model, endpoint_url).uri,

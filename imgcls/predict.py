@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
+from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -16,6 +16,12 @@ from imgcls.config import PredictConfig
 from imgcls.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+# Decode tasks ask for less than a model actor's CPU: the differing resources also keep Ray Data from
+# fusing decoding into the actors, so decoding runs in parallel tasks beside them.
+DECODE_TASK_CPUS = 0.5
+
+UNKNOWN_LABEL = "unknown"
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -43,13 +49,21 @@ class Predictor:
     """Callable class for `Dataset.map_batches`: loads the artifact once per actor, then turns
     decoded batches (path, image, error) into prediction rows with the DESIGN.md schema."""
 
-    def __init__(self, model_uri: str, top_k: int, batch_size: int, endpoint_url: str | None = None):
+    def __init__(
+        self,
+        model_uri: str,
+        top_k: int,
+        batch_size: int,
+        endpoint_url: str | None = None,
+        min_score: float | None = None,
+    ):
         from imgcls.artifact import load_artifact
 
         self.model, self.metadata = load_artifact(model_uri, endpoint_url)
         self.class_names = np.array(self.metadata.class_names, dtype=object)
         self.top_k = min(top_k, len(self.class_names))
         self.batch_size = batch_size
+        self.min_score = min_score
 
     @classmethod
     def from_artifact(
@@ -80,8 +94,9 @@ class Predictor:
             for position, row in enumerate(np.flatnonzero(readable)):
                 top_labels[row] = self.class_names[ranking[position]].tolist()
                 top_scores[row] = ranked_scores[position].tolist()
-                labels[row] = top_labels[row][0]
                 scores[row] = float(ranked_scores[position, 0])
+                below = self.min_score is not None and scores[row] < self.min_score
+                labels[row] = UNKNOWN_LABEL if below else top_labels[row][0]
         return pa.table(
             {
                 "path": pa.array(paths, pa.string()),
@@ -99,36 +114,16 @@ class Predictor:
 class PredictSummary(BaseModel):
     model_config = {"protected_namespaces": ()}
 
+    run_id: str
     output_uri: str
     model_version: str
     images_listed: int
+    already_done: int
     classified: int
     errored: int
     seconds: float
     images_per_second: float
     files: list[str]
-
-
-def _commit_staged_files(staging: storage.Location, output: storage.Location, run_id: str) -> list[str]:
-    """Move each staged Parquet file into the output folder under a run-unique name."""
-    import pyarrow.fs as pafs
-
-    staged = sorted(
-        info.path
-        for info in staging.filesystem.get_file_info(pafs.FileSelector(staging.path, recursive=True))
-        if info.type == pafs.FileType.File and info.path.endswith(".parquet")
-    )
-    committed = []
-    for number, path in enumerate(staged):
-        target = output.join(f"part-{run_id}-{number:05d}.parquet")
-        output.filesystem.move(path, target.path)
-        committed.append(target.uri)
-    output.filesystem.delete_dir(staging.path)
-    staging_root = staging.parent
-    if not output.filesystem.get_file_info(pafs.FileSelector(staging_root.path, allow_not_found=True)):
-        # Object stores keep an empty "folder" marker behind; drop it once no run is staging.
-        output.filesystem.delete_dir(staging_root.path)
-    return committed
 
 
 def _count_rows(files: list[str], endpoint_url: str | None) -> tuple[int, int]:
@@ -145,13 +140,11 @@ def _count_rows(files: list[str], endpoint_url: str | None) -> tuple[int, int]:
 
 
 def run(config: PredictConfig) -> PredictSummary:
-    """Classify every image under `config.input` and write one Parquet row per image to `config.output`."""
-    import ray.data
-
+    """Classify every image under `config.input` not yet in `config.output` for this model version,
+    and commit one Parquet row per image as one run (see `imgcls.output_runs`)."""
+    from imgcls import output_runs
     from imgcls.artifact import read_metadata
-    from imgcls.data import decoded_dataset, list_prediction_inputs
-    from imgcls.ray_runtime import cluster_totals, ensure_ray
-    from imgcls.resources import plan_prediction
+    from imgcls.data import list_prediction_inputs
 
     started = time.perf_counter()
     endpoint_url = config.storage.endpoint_url
@@ -159,35 +152,91 @@ def run(config: PredictConfig) -> PredictSummary:
     listing = list_prediction_inputs(config.input, endpoint_url)
     if not listing.paths:
         raise DataError(f"No images found under {config.input} ({listing.ignored} non-image or hidden files ignored).")
-    top_k = config.top_k or min(5, len(metadata.class_names))
+    output = storage.resolve(config.output, endpoint_url)
+    output_runs.discard_stale_staging(output)
+    done = set() if config.overwrite else output_runs.done_paths(output, metadata.model_version)
+    todo = [path for path in listing.paths if path not in done]
+    run_id = output_runs.new_run_id()
+    record = {
+        "run_id": run_id, "status": "running", "input": config.input, "output": output.uri,
+        "model": config.model, "model_version": metadata.model_version, "overwrite": config.overwrite,
+        "images_listed": len(listing.paths), "already_done": len(listing.paths) - len(todo),
+        "started": output_runs.now(),
+    }  # fmt: skip
+    output_runs.write_run_record(output, run_id, record)
+    logger.info(
+        "run %s: %d images listed under %s, %d already classified by model %s, %d to classify",
+        run_id, len(listing.paths), config.input, record["already_done"], metadata.model_version, len(todo),
+    )  # fmt: skip
+    files: list[str] = []
+    rows = errored = 0
+    try:
+        if todo:
+            files = _classify(config, metadata, todo, output, run_id, endpoint_url)
+            rows, errored = _count_rows(files, endpoint_url)
+            if rows != len(todo):
+                raise RuntimeError(f"wrote {rows} prediction rows for {len(todo)} images")
+        if config.overwrite:
+            removed = output_runs.remove_other_runs(output, run_id)
+            logger.info("--overwrite: removed %d earlier run(s)", removed)
+    except BaseException as error:
+        record.update(status="failed", error=f"{type(error).__name__}: {error}", finished=output_runs.now())
+        output_runs.write_run_record(output, run_id, record)
+        raise
+    seconds = time.perf_counter() - started
+    summary = PredictSummary(
+        run_id=run_id,
+        output_uri=output.uri,
+        model_version=metadata.model_version,
+        images_listed=len(listing.paths),
+        already_done=record["already_done"],
+        classified=rows - errored,
+        errored=errored,
+        seconds=round(seconds, 3),
+        images_per_second=round(rows / seconds, 1),
+        files=[PurePosixPath(uri).name for uri in files],
+    )
+    record.update(
+        status="succeeded", finished=output_runs.now(), classified=summary.classified, errored=errored,
+        seconds=summary.seconds, images_per_second=summary.images_per_second, files=files,
+    )  # fmt: skip
+    output_runs.write_run_record(output, run_id, record)
+    logger.info(
+        "done: %d images listed, %d already done, %d classified, %d errored, %.1f images/s, output %s",
+        summary.images_listed, summary.already_done, summary.classified, summary.errored,
+        summary.images_per_second, summary.output_uri,
+    )  # fmt: skip
+    return summary
+
+
+def _classify(config: PredictConfig, metadata, paths: list[str], output, run_id: str, endpoint_url) -> list[str]:
+    """Run the streaming pipeline for `paths` into the run's staging folder, then commit it."""
+    import ray.data
+
+    from imgcls import output_runs
+    from imgcls.data import decoded_dataset
+    from imgcls.ray_runtime import cluster_totals, ensure_ray
+    from imgcls.resources import plan_prediction
+
     ensure_ray()
     totals = cluster_totals()
     plan = plan_prediction(config.num_actors, config.use_gpu, totals["CPU"], totals["GPU"])
     logger.info(
-        "classifying %d images from %s with model %s (%d actor(s) x %g CPU%s)",
-        len(listing.paths),
-        config.input,
-        metadata.model_version,
-        plan.num_actors,
-        plan.cpus_per_actor,
-        ", 1 GPU" if plan.gpus_per_actor else "",
-    )
-    dataset = decoded_dataset(
-        listing.paths,
-        None,
-        tuple(metadata.image_size),
-        metadata.channels,
-        config.max_image_pixels,
-        config.decode_batch_size,
-        endpoint_url,
-    )
-    predictions = dataset.map_batches(
+        "classifying with %d model actor(s) x %g CPU%s; decoding in parallel tasks",
+        plan.num_actors, plan.cpus_per_actor, ", 1 GPU" if plan.gpus_per_actor else "",
+    )  # fmt: skip
+    decoded = decoded_dataset(
+        paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
+        config.decode_batch_size, endpoint_url, num_cpus=DECODE_TASK_CPUS,
+    )  # fmt: skip
+    predictions = decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={
             "model_uri": storage.resolve(config.model, endpoint_url).uri,
-            "top_k": top_k,
+            "top_k": config.top_k or min(5, len(metadata.class_names)),
             "batch_size": config.batch_size,
             "endpoint_url": endpoint_url,
+            "min_score": config.min_score,
         },
         batch_size=config.batch_size,
         batch_format="numpy",
@@ -195,31 +244,14 @@ def run(config: PredictConfig) -> PredictSummary:
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
     )
-    output = storage.resolve(config.output, endpoint_url)
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    staging = output.join("_staging", run_id)
-    predictions.write_parquet(staging.path, filesystem=output.filesystem, try_create_dir=output.is_local)
-    files = _commit_staged_files(staging, output, run_id)
-    rows, errored = _count_rows(files, endpoint_url)
-    if rows != len(listing.paths):
-        raise RuntimeError(f"wrote {rows} prediction rows for {len(listing.paths)} images")
-    seconds = time.perf_counter() - started
-    summary = PredictSummary(
-        output_uri=output.uri,
-        model_version=metadata.model_version,
-        images_listed=len(listing.paths),
-        classified=rows - errored,
-        errored=errored,
-        seconds=round(seconds, 3),
-        images_per_second=round(rows / seconds, 1),
-        files=[PurePosixPath(uri).name for uri in files],
+    staging = output.join(output_runs.STAGING, run_id)
+    predictions.write_parquet(
+        staging.path,
+        filesystem=output.filesystem,
+        try_create_dir=output.is_local,
+        max_rows_per_file=config.rows_per_file,
     )
-    logger.info(
-        "done: %d images listed, %d classified, %d errored, %.1f images/s, output %s",
-        summary.images_listed,
-        summary.classified,
-        summary.errored,
-        summary.images_per_second,
-        summary.output_uri,
-    )
-    return summary
+    partition = None
+    if config.partition_by == "run_date":
+        partition = f"run_date={datetime.now(timezone.utc).strftime('%Y-%m-%d')}"
+    return output_runs.commit(output, staging, run_id, partition)

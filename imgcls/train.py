@@ -58,12 +58,17 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def epoch_pipeline(shard, config: JobConfig, epoch: int, rank: int):
+def epoch_pipeline(shard, config: JobConfig, epoch: int, rank: int, randomize_blocks: bool = True):
     """This worker's shard for one epoch: blocks in a new order, then augmented as Ray Data tasks
-    (on the CPUs the resource plan keeps for data), so the training process only trains."""
+    (on the CPUs the resource plan keeps for data), so the training process only trains.
+
+    A shard that fits in the local shuffle buffer is reshuffled whole by the iterator, so it skips
+    the block shuffle and, without augmentation, runs no Ray Data job per epoch at all."""
     from imgcls.augment import augment_rows
 
-    pipeline = shard.randomize_block_order(seed=config.seed * 1000 + epoch * 10 + rank)
+    pipeline = shard
+    if randomize_blocks:
+        pipeline = pipeline.randomize_block_order(seed=config.seed * 1000 + epoch * 10 + rank)
     if config.augment.is_active:
         pipeline = pipeline.map_batches(
             augment_rows,
@@ -245,7 +250,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_started = time.perf_counter()
         local_sums = np.zeros(3, dtype=np.float64)
         steps = 0
-        for batch in epoch_pipeline(train_shard, config, epoch, rank).iter_batches(
+        for batch in epoch_pipeline(train_shard, config, epoch, rank, rows_per_worker > shuffle_buffer).iter_batches(
             batch_size=batch_size,
             batch_format="numpy",
             prefetch_batches=2,
