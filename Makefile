@@ -32,6 +32,7 @@ test: $(STAMP)
 bench: data
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/read_throughput.py
+	$(BIN)/python bench/predict_throughput.py
 
 clean:
 	rm -rf runs bench/results .pytest_cache

@@ -1,0 +1,187 @@
+"""Bulk prediction throughput and memory: imgcls against (a) a hand-written single-process loop
+(Pillow decode + batched model.predict) and (b) a tf.data pipeline (parallel decode_image +
+model.predict), on the same JPEGs and the same artifact (the tutorial CNN at 64x64x3), in one run.
+
+Then peak memory (RSS summed over the driver and every Ray worker) of imgcls on 2k and 20k images.
+Ray is started before the clock starts, as on a running cluster; the imgcls times include starting
+the actor pool and loading the model. Results: bench/results/predict_throughput.json.
+
+Usage: python bench/predict_throughput.py [--images 2000] [--large 20000] [--width 640 --height 480]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WORK = RESULTS / "predict_work"
+IMAGE_SIZE = (64, 64)
+
+
+def make_images(folder: Path, count: int, width: int, height: int) -> list[str]:
+    """Smooth random photos-like JPEGs (gradients plus noise), written once and reused."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = sorted(str(path) for path in folder.glob("*.jpg"))
+    if len(existing) >= count:
+        return existing[:count]
+    generator = np.random.default_rng(0)
+    base = np.linspace(0, 255, width, dtype=np.float32)[None, :, None] * np.ones((height, 1, 3), np.float32)
+    for index in range(len(existing), count):
+        noise = generator.normal(0, 20, (height // 8, width // 8, 3)).repeat(8, 0).repeat(8, 1)
+        pixels = np.clip(base * generator.uniform(0.3, 1.0, 3) + noise, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index:06d}.jpg", quality=85)
+    return sorted(str(path) for path in folder.glob("*.jpg"))[:count]
+
+
+def make_artifact() -> str:
+    from imgcls.artifact import save_artifact
+    from imgcls.config import ModelConfig
+    from imgcls.models import create_model
+
+    destination = WORK / "artifact"
+    if not (destination / "metadata.json").exists():
+        model = create_model(ModelConfig(), IMAGE_SIZE, 3, 2)
+        save_artifact(model, {"class_names": ["a", "b"], "image_size": IMAGE_SIZE, "channels": 3, "task": "binary",
+                              "model_name": "seed_cnn"}, str(destination))  # fmt: skip
+    return str(destination)
+
+
+def hand_loop(paths: list[str], artifact: str, batch_size: int = 64) -> float:
+    """(a) What one writes without a framework: open, convert, resize, batch, predict."""
+    import numpy as np
+    from PIL import Image
+
+    from imgcls.artifact import load_artifact
+
+    started = time.perf_counter()
+    model, _ = load_artifact(artifact)
+    batch = []
+    for path in paths:
+        with Image.open(path) as image:
+            batch.append(np.asarray(image.convert("RGB").resize(IMAGE_SIZE[::-1], Image.Resampling.BILINEAR)))
+        if len(batch) == batch_size:
+            model.predict_on_batch(np.stack(batch).astype(np.float32))
+            batch = []
+    if batch:
+        model.predict_on_batch(np.stack(batch).astype(np.float32))
+    return len(paths) / (time.perf_counter() - started)
+
+
+def tf_data_pipeline(paths: list[str], artifact: str, batch_size: int = 64) -> float:
+    """(b) tf.data with parallel decode_image and resize, then model.predict."""
+    import tensorflow as tf
+
+    from imgcls.artifact import load_artifact
+
+    started = time.perf_counter()
+    model, _ = load_artifact(artifact)
+
+    def load(path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return tf.image.resize(image, IMAGE_SIZE)
+
+    dataset = tf.data.Dataset.from_tensor_slices(paths).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+    model.predict(dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE), verbose=0)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def cluster_rss() -> int:
+    """RSS of this process and every Ray process on the machine, in bytes."""
+    import psutil
+
+    total = 0
+    for process in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+        command = " ".join(process.info["cmdline"] or [])
+        if process.info["pid"] == os.getpid() or "ray" in command:
+            total += process.info["memory_info"].rss if process.info["memory_info"] else 0
+    return total
+
+
+def imgcls_run(folder: Path, artifact: str, name: str) -> dict[str, float]:
+    from imgcls import predict
+    from imgcls.config import PredictConfig
+
+    output = WORK / f"out_{name}"
+    shutil.rmtree(output, ignore_errors=True)
+    peak = [cluster_rss()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(cluster_rss())
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started = time.perf_counter()
+    summary = predict.run(PredictConfig(model=artifact, input=str(folder), output=str(output)))
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    return {"images": summary.images_listed, "images_per_second": summary.images_listed / seconds,
+            "seconds": seconds, "peak_rss_bytes": max(peak)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--large", type=int, default=20000)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    arguments = parser.parse_args()
+    import logging
+
+    from imgcls.logging_setup import configure_logging
+
+    configure_logging(logging.WARNING)
+    all_paths = make_images(WORK / "images_all", arguments.large, arguments.width, arguments.height)
+    small = WORK / "images_small"
+    if not small.exists() or len(list(small.glob("*.jpg"))) != arguments.images:
+        shutil.rmtree(small, ignore_errors=True)
+        small.mkdir(parents=True)
+        for path in all_paths[: arguments.images]:
+            os.link(path, small / Path(path).name)
+    artifact = make_artifact()
+    small_paths = sorted(str(path) for path in small.glob("*.jpg"))
+
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results: dict = {"images": arguments.images, "jpeg_size": [arguments.width, arguments.height]}
+    imgcls_run(small, artifact, "warmup")  # worker processes and imports, as on a warm cluster
+    results["imgcls"] = imgcls_run(small, artifact, "small")
+    results["hand_loop_images_per_second"] = hand_loop(small_paths, artifact)
+    results["tf_data_images_per_second"] = tf_data_pipeline(small_paths, artifact)
+    results["imgcls_large"] = imgcls_run(WORK / "images_all", artifact, "large")
+    rate = results["imgcls"]["images_per_second"]
+    results["ratios"] = {
+        "imgcls_vs_hand_loop": round(rate / results["hand_loop_images_per_second"], 3),
+        "imgcls_vs_tf_data": round(rate / results["tf_data_images_per_second"], 3),
+        "large_vs_small_peak_rss": round(results["imgcls_large"]["peak_rss_bytes"] / results["imgcls"]["peak_rss_bytes"], 3),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "predict_throughput.json").write_text(json.dumps(results, indent=2))
+    print(f"imgcls {rate:.0f} images/s, hand loop {results['hand_loop_images_per_second']:.0f}, "
+          f"tf.data {results['tf_data_images_per_second']:.0f}; "
+          f"{arguments.large} images: {results['imgcls_large']['images_per_second']:.0f} images/s; "
+          f"peak RSS {results['imgcls']['peak_rss_bytes'] / 2**20:.0f} MiB at {arguments.images}, "
+          f"{results['imgcls_large']['peak_rss_bytes'] / 2**20:.0f} MiB at {arguments.large}")  # fmt: skip
+    print("ratios:", results["ratios"])
+
+
+if __name__ == "__main__":
+    main()
