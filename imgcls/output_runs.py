@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -128,7 +127,3 @@ def remove_other_runs(output: storage.Location, run_id: str) -> int:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat()
-
-
-def elapsed_since(started: float) -> float:
-    return round(time.perf_counter() - started, 3)
