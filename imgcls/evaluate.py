@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -83,24 +82,12 @@ def _report_markdown(metrics: dict[str, Any], summary: EvaluateSummary, class_na
     return "\n".join(lines)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    import pyarrow.parquet as pq
-
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return buffer.getvalue()
-
-
 def run(config: EvaluateConfig) -> EvaluateSummary:
-    import ray.data
-
     from imgcls.artifact import read_metadata
-    from imgcls.data import decoded_dataset, list_labelled
+    from imgcls.data import list_labelled
     from imgcls.metrics import classification_report
     from imgcls.plots import confusion_matrix_heatmap, reliability_diagram
-    from imgcls.predict import DECODE_TASK_CPUS, Predictor
-    from imgcls.ray_runtime import cluster_totals, ensure_ray
-    from imgcls.resources import plan_prediction
+    from imgcls.predict import prediction_dataset
 
     started = time.perf_counter()
     endpoint_url = config.storage.endpoint_url
@@ -114,20 +101,9 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
             f"(it knows {class_names}). Evaluate on the classes the model was trained on."
         )
     true_by_path = {path: class_names.index(label) for path, label in zip(images.paths, images.labels)}
-    ensure_ray()
-    totals = cluster_totals()
-    plan = plan_prediction(config.num_actors, config.use_gpu, totals["CPU"], totals["GPU"])
     logger.info("evaluating model %s on %d labelled images from %s", metadata.model_version, len(images.paths), config.data)
-    predictions = decoded_dataset(
-        images.paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
-        config.decode_batch_size, endpoint_url, num_cpus=DECODE_TASK_CPUS,
-    ).map_batches(
-        Predictor,
-        fn_constructor_kwargs={"model_uri": storage.resolve(config.model, endpoint_url).uri,
-                               "top_k": len(class_names), "batch_size": config.batch_size, "endpoint_url": endpoint_url},
-        batch_size=config.batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
-        num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
-    )  # fmt: skip
+    # Every class's probability (top-k over all classes), for top-k accuracy and calibration.
+    predictions = prediction_dataset(config, metadata, images.paths, top_k=len(class_names))
     table = pa.concat_tables(list(predictions.iter_batches(batch_format="pyarrow", batch_size=None)))
     if table.num_rows != len(images.paths):
         raise RuntimeError(f"got {table.num_rows} predictions for {len(images.paths)} images")
@@ -164,10 +140,8 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
             "score": pa.array(confidence[wrong], pa.float32()),
         }
     )
-    storage.write_bytes_atomic(output.join("mistakes.parquet"), _parquet_bytes(mistakes))
-    storage.write_bytes_atomic(
-        output.join("skipped_images.parquet"), _parquet_bytes(errored.select(["path", "error"]))
-    )
+    storage.write_parquet_atomic(output.join("mistakes.parquet"), mistakes)
+    storage.write_parquet_atomic(output.join("skipped_images.parquet"), errored.select(["path", "error"]))
     summary = EvaluateSummary(
         output_uri=output.uri,
         model_version=metadata.model_version,

@@ -12,7 +12,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from imgcls import storage
-from imgcls.config import PredictConfig
+from imgcls.config import EvaluateConfig, PredictConfig
 from imgcls.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def run(config: PredictConfig) -> PredictSummary:
     rows = errored = 0
     try:
         if todo:
-            files = _classify(config, metadata, todo, output, run_id, endpoint_url)
+            files = _classify(config, metadata, todo, output, run_id)
             rows, errored = _count_rows(files, endpoint_url)
             if rows != len(todo):
                 raise RuntimeError(f"wrote {rows} prediction rows for {len(todo)} images")
@@ -209,15 +209,18 @@ def run(config: PredictConfig) -> PredictSummary:
     return summary
 
 
-def _classify(config: PredictConfig, metadata, paths: list[str], output, run_id: str, endpoint_url) -> list[str]:
-    """Run the streaming pipeline for `paths` into the run's staging folder, then commit it."""
+def prediction_dataset(
+    config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None = None
+):
+    """The streaming pipeline shared by predict and evaluate: decode in parallel Ray Data tasks, then
+    the model in an actor pool sized by the resource plan. Returns a lazy dataset of prediction rows."""
     import ray.data
 
-    from imgcls import output_runs
     from imgcls.data import decoded_dataset
     from imgcls.ray_runtime import cluster_totals, ensure_ray
     from imgcls.resources import plan_prediction
 
+    endpoint_url = config.storage.endpoint_url
     ensure_ray()
     totals = cluster_totals()
     plan = plan_prediction(config.num_actors, config.use_gpu, totals["CPU"], totals["GPU"])
@@ -229,20 +232,29 @@ def _classify(config: PredictConfig, metadata, paths: list[str], output, run_id:
         paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
         config.decode_batch_size, endpoint_url, num_cpus=DECODE_TASK_CPUS,
     )  # fmt: skip
-    predictions = decoded.map_batches(
+    return decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={
             "model_uri": storage.resolve(config.model, endpoint_url).uri,
-            "top_k": config.top_k or min(5, len(metadata.class_names)),
+            "top_k": top_k,
             "batch_size": config.batch_size,
             "endpoint_url": endpoint_url,
-            "min_score": config.min_score,
+            "min_score": min_score,
         },
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
+    )
+
+
+def _classify(config: PredictConfig, metadata, paths: list[str], output, run_id: str) -> list[str]:
+    """Run the streaming pipeline for `paths` into the run's staging folder, then commit it."""
+    from imgcls import output_runs
+
+    predictions = prediction_dataset(
+        config, metadata, paths, config.top_k or min(5, len(metadata.class_names)), config.min_score
     )
     staging = output.join(output_runs.STAGING, run_id)
     predictions.write_parquet(

@@ -131,6 +131,17 @@ def write_text_atomic(location: Location, text: str) -> None:
     write_bytes_atomic(location, text.encode("utf-8"))
 
 
+def write_parquet_atomic(location: Location, table) -> None:
+    """A small Arrow table as one Parquet file, written atomically."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes_atomic(location, buffer.getvalue())
+
+
 @lru_cache(maxsize=8)
 def s3_client(endpoint_url: str | None):
     """A boto3 client on the same endpoint (thread-safe, one per process), for paged listings and

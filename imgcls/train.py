@@ -427,18 +427,13 @@ def _write_tensorboard(destination: storage.Location, history: list[dict[str, An
 
 
 def _write_skipped(output_dir: storage.Location, skipped: list[dict[str, str]]) -> None:
-    import io
-
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.table(
         {"path": pa.array([row["path"] for row in skipped], pa.string()),
          "error": pa.array([row["error"] for row in skipped], pa.string())}
-    )
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    storage.write_bytes_atomic(output_dir.join("skipped_images.parquet"), buffer.getvalue())
+    )  # fmt: skip
+    storage.write_parquet_atomic(output_dir.join("skipped_images.parquet"), table)
 
 
 def _prepare_data(config: JobConfig):
