@@ -84,6 +84,8 @@ def load_artifact(artifact_uri: str, endpoint_url: str | None = None):
     and nothing from the bucket is ever unpickled."""
     import keras
 
+    import imgcls.backbones  # noqa: F401  (registers the custom preprocessing layer for safe loading)
+
     metadata = read_metadata(artifact_uri, endpoint_url)
     model_location = storage.resolve(artifact_uri, endpoint_url).join(MODEL_FILE)
     if not storage.exists(model_location):

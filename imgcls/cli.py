@@ -1,4 +1,4 @@
-"""One command-line front for every job: `imgcls train|predict|evaluate`.
+"""One command-line front for every job: `imgcls train|predict|evaluate|tune`.
 
 Exit codes a scheduler can alert on: 0 success, 2 user error (message, no traceback), 1 internal failure.
 """
@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="Labelled images: a folder per class or a manifest.")
     evaluate.add_argument("--output", required=True, help="Folder for the report, metrics and figures.")
     _add_set_option(evaluate)
+
+    tune = verbs.add_parser("tune", help="Search hyperparameters with Ray Tune; writes best_config.yaml and its model.")
+    tune.add_argument("--config", required=True, help="YAML job config with a `tune:` section (see README).")
+    _add_set_option(tune)
     return parser
 
 
@@ -103,7 +107,26 @@ def _evaluate(arguments: argparse.Namespace) -> None:
     print(f"accuracy {summary.accuracy:.4f} on {summary.evaluated} images ({summary.unreadable} unreadable) -> {summary.output_uri}")
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {"train": _train, "predict": _predict, "evaluate": _evaluate}
+def _tune(arguments: argparse.Namespace) -> None:
+    from imgcls import tune
+    from imgcls.config import load_job_config
+
+    config = load_job_config(arguments.config, arguments.overrides)
+    result = tune.run(config)
+    finished = sum(trial.status in ("completed", "early_stopped") for trial in result.trials)
+    stopped = sum(trial.status == "stopped_by_asha" for trial in result.trials)
+    print(
+        f"{len(result.trials)} trials ({finished} finished, {stopped} stopped early by ASHA); best {result.best_trial_id} "
+        f"{config.tune.metric} {result.best_metric:.4f} -> {result.best_config_uri}, model {result.artifact_uri}"
+    )
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "train": _train,
+    "predict": _predict,
+    "evaluate": _evaluate,
+    "tune": _tune,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

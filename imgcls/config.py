@@ -121,11 +121,31 @@ class StorageConfig(StrictModel):
         return value
 
 
+# keras.applications backbones usable as `model.name`, with the smallest input they accept.
+BACKBONES = ("MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0", "ResNet50", "ConvNeXtTiny")
+BACKBONE_MIN_IMAGE_SIZE = 32
+ModelName = Literal["seed_cnn", "cnn", "MobileNetV3Small", "MobileNetV3Large", "EfficientNetB0", "ResNet50", "ConvNeXtTiny"]
+
+
 class ModelConfig(StrictModel):
-    name: Literal["seed_cnn", "cnn"] = Field(
+    name: ModelName = Field(
         default="seed_cnn",
         description="Architecture. `seed_cnn` is the tutorial network, fixed: Conv2D(32, 3x3) -> MaxPool -> "
-        "Flatten -> Dense(128) -> sigmoid/softmax. `cnn` is built from the keys below.",
+        "Flatten -> Dense(128) -> sigmoid/softmax. `cnn` is built from the keys below. A keras.applications "
+        "backbone (MobileNetV3Small, MobileNetV3Large, EfficientNetB0, ResNet50, ConvNeXtTiny) gets its own "
+        "preprocessing, global average pooling and a new head (`dense_units`, `dense_dropout`); see `finetune`.",
+    )
+    weights: str = Field(
+        default="imagenet",
+        description="Backbones only: `imagenet` (Keras' published weights, downloaded once into ~/.keras/models), "
+        "`none` (random initialisation), or a local path / s3:// URI of a weights file for the backbone "
+        "without its top (`.weights.h5` from `save_weights`, or Keras' `*_no_top*.h5`).",
+    )
+    init_from: str | None = Field(
+        default=None,
+        description="Warm start: URI of an earlier imgcls artifact (output_dir/model) with the same architecture "
+        "and image size. Its weights are the starting point; a new head is made when the classes differ. "
+        "Takes precedence over `weights`.",
     )
     filters: list[int] = Field(
         default=[32, 64, 128],
@@ -156,6 +176,37 @@ class ModelConfig(StrictModel):
     def _positive_sizes(cls, value: list[int]) -> list[int]:
         if any(size <= 0 for size in value):
             raise ValueError(f"every entry must be a positive integer, got {value}")
+        return value
+
+
+class FinetuneConfig(StrictModel):
+    """Two-phase transfer learning for backbones: first the new head alone, then the top of the backbone.
+    BatchNorm layers stay frozen and in inference mode throughout, so small batches never disturb
+    the pretrained statistics."""
+
+    freeze_epochs: int | None = Field(
+        default=None,
+        ge=0,
+        description="Epochs with the whole backbone frozen (only the head trains). Unset: frozen for the whole "
+        "run (feature extraction). 0: fine-tune from the first epoch.",
+    )
+    unfreeze_layers: int | Literal["all"] = Field(
+        default="all",
+        description="After freeze_epochs, how many of the backbone's layers, counted from its top, become "
+        "trainable (BatchNorm excepted); `all` unfreezes every layer.",
+    )
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        description="Base learning rate once the backbone is unfrozen. Unset: train.learning_rate / 10; small "
+        "rates keep the pretrained features from being wiped out.",
+    )
+
+    @field_validator("unfreeze_layers")
+    @classmethod
+    def _unfreeze_positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"must be a positive number of layers or 'all', got {value}")
         return value
 
 
@@ -239,14 +290,72 @@ class ScalingConfig(StrictModel):
     )
 
 
+SEARCH_DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+class TuneSettings(StrictModel):
+    """A Ray Tune search over JobConfig fields; each trial is a full training run with its own output."""
+
+    search_space: dict[str, dict[str, list[Any]]] = Field(
+        description="Dotted config key -> one domain: `{choice: [a, b]}` (random pick), `{grid: [a, b]}` (every "
+        "value, times num_samples), `{uniform: [low, high]}`, `{loguniform: [low, high]}` (learning rates), "
+        "`{randint: [low, high]}` (high excluded). Example: `train.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}`.",
+    )
+    num_samples: int = Field(default=8, gt=0, description="Trials drawn from the space (each grid value this many times).")
+    metric: str = Field(default="val_accuracy", description="Reported metric that ranks trials, e.g. val_accuracy, val_loss.")
+    mode: Literal["min", "max"] | None = Field(
+        default=None, description="Whether `metric` is minimised or maximised. Unset: min for *loss, else max."
+    )
+    max_concurrent_trials: int | None = Field(
+        default=None,
+        gt=0,
+        description="Trials run at once. Unset: as many as the cluster's CPUs allow with CPU left for Ray Data "
+        "(one at a time on 2 CPUs). Each trial gets an equal share of the cluster.",
+    )
+    asha: bool = Field(default=True, description="Stop poor trials early with ASHA (asynchronous successive halving).")
+    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
+    reduction_factor: float = Field(
+        default=2.0, gt=1, description="ASHA: keep the top 1/reduction_factor of trials at each rung."
+    )
+
+    @field_validator("search_space")
+    @classmethod
+    def _domains_well_formed(cls, value: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        if not value:
+            raise ValueError("needs at least one key to search over")
+        for key, domain in value.items():
+            if key.split(".")[0] in ("tune", "output_dir"):
+                raise ValueError(f"{key}: tune.* and output_dir cannot be searched over")
+            if len(domain) != 1 or next(iter(domain)) not in SEARCH_DOMAINS:
+                raise ValueError(f"{key}: give exactly one of {', '.join(SEARCH_DOMAINS)}, got {domain}")
+            (kind, values), = domain.items()
+            if not values:
+                raise ValueError(f"{key}: {kind} needs values")
+            if kind in ("uniform", "loguniform", "randint"):
+                if len(values) != 2 or not all(isinstance(bound, (int, float)) for bound in values):
+                    raise ValueError(f"{key}: {kind} takes [low, high], got {values}")
+                if values[0] >= values[1]:
+                    raise ValueError(f"{key}: {kind} needs low < high, got {values}")
+                if kind == "loguniform" and values[0] <= 0:
+                    raise ValueError(f"{key}: loguniform needs low > 0, got {values}")
+        return value
+
+    def resolved_mode(self) -> str:
+        return self.mode or ("min" if self.metric.endswith("loss") else "max")
+
+
 class JobConfig(StrictModel):
     """Everything a training run needs; saved resolved as `output_dir/config.yaml`."""
 
     data: DataConfig
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tune: TuneSettings | None = Field(
+        default=None, description="Hyperparameter search for `jobs/tune.py`; ignored by `jobs/train.py`."
+    )
     output_dir: str = Field(
         default="runs/latest",
         description="Where the run writes config.yaml, checkpoints and the model artifact (`output_dir/model`); "
@@ -254,6 +363,21 @@ class JobConfig(StrictModel):
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     seed: int = Field(default=0, description="Seeds the train/val split, weight initialisation and data order.")
+
+    @model_validator(mode="after")
+    def _backbone_fits(self) -> "JobConfig":
+        if self.model.name in BACKBONES:
+            if min(self.data.image_size) < BACKBONE_MIN_IMAGE_SIZE:
+                raise ValueError(
+                    f"model.name {self.model.name} needs data.image_size of at least "
+                    f"[{BACKBONE_MIN_IMAGE_SIZE}, {BACKBONE_MIN_IMAGE_SIZE}], got {list(self.data.image_size)}"
+                )
+        elif self.finetune.freeze_epochs is not None:
+            raise ValueError(
+                f"finetune.freeze_epochs applies to pretrained backbones ({', '.join(BACKBONES)}), "
+                f"not to model.name {self.model.name}"
+            )
+        return self
 
 
 class PredictConfig(StrictModel):
@@ -360,6 +484,9 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             problems.append(f"unknown key '{dotted}'")
         elif item["type"] == "missing":
             problems.append(f"'{dotted}' is required")
+        elif not item["loc"]:
+            # Cross-field checks name their keys themselves; the input would be the whole config.
+            problems.append(item["msg"].removeprefix("Value error, "))
         else:
             message = item["msg"].removeprefix("Value error, ")
             problems.append(f"'{dotted}': {message} (got {item.get('input')!r})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from imgcls.config import ModelConfig
+from imgcls.config import BACKBONES, ModelConfig
 
 
 def task_for(num_classes: int) -> str:
@@ -65,11 +65,16 @@ def create_cnn(config: ModelConfig, image_size: tuple[int, int], channels: int, 
 
 
 def create_model(config: ModelConfig, image_size: tuple[int, int], channels: int, num_classes: int) -> keras.Model:
-    """Build the configured architecture (uncompiled)."""
+    """Build the configured architecture (uncompiled, randomly initialised)."""
     if config.name == "seed_cnn":
         return create_seed_cnn(tuple(image_size), channels, num_classes)
     if config.name == "cnn":
         return create_cnn(config, tuple(image_size), channels, num_classes)
+    if config.name in BACKBONES:
+        from imgcls.backbones import create_backbone_model
+
+        # Random weights here: pretrained ones are loaded once on the driver (initial_weights.py).
+        return create_backbone_model(config, tuple(image_size), channels, num_classes, None)
     raise ValueError(f"unknown model.name {config.name!r}")
 
 

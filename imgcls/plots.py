@@ -77,3 +77,19 @@ def reliability_diagram(bin_confidence: list[float | None], bin_accuracy: list[f
     axis.set_title(f"reliability (ECE {expected_calibration_error:.3f})")
     axis.legend(loc="upper left")
     return _png(figure)
+
+
+def trial_curves(histories: dict[str, list[tuple[int, float]]], metric: str) -> bytes:
+    """The tuned metric per epoch, one line per trial: trials ASHA stopped end early."""
+    plt = _figure()
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for trial_id, history in sorted(histories.items()):
+        if history:
+            axis.plot([epoch for epoch, _ in history], [value for _, value in history], marker="o", label=trial_id)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel(metric)
+    axis.set_title(f"{metric} per trial")
+    axis.grid(alpha=0.3)
+    if any(histories.values()):
+        axis.legend(fontsize="small", ncol=2)
+    return _png(figure)

@@ -103,6 +103,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     import keras
 
+    from imgcls.backbones import set_finetune_phase
+    from imgcls.config import BACKBONES
     from imgcls.models import create_loss, create_model, create_optimizer
     from imgcls.schedules import EarlyStopper, PlateauTracker, learning_rate_at
 
@@ -121,13 +123,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         keras.mixed_precision.set_global_policy("mixed_float16")
 
     keras.utils.set_random_seed(config.seed)
+    finetune = config.finetune
+    is_backbone = config.model.name in BACKBONES
     with strategy.scope():
         model = create_model(config.model, tuple(config.data.image_size), config.data.channels, num_classes)
         optimizer = create_optimizer(config.train.optimizer, config.train.learning_rate)
         if mixed_precision:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        if is_backbone and finetune.freeze_epochs is not None:
+            # Slots for every variable phase 2 will train, so the optimizer state (and its checkpoint
+            # layout) is the same in both phases.
+            set_finetune_phase(model, frozen=False, unfreeze_layers=finetune.unfreeze_layers)
+        elif is_backbone:
+            set_finetune_phase(model, frozen=True)
         optimizer.build(model.trainable_variables)
+    if loop_config.get("initial_weights") is not None:
+        model.set_weights(ray.get(loop_config["initial_weights"]))
     loss_function = create_loss(num_classes, config.train.label_smoothing, loop_config["class_weights"])
+
+    def backbone_frozen_at(epoch: int) -> bool:
+        return is_backbone and (finetune.freeze_epochs is None or epoch < finetune.freeze_epochs)
+
+    def base_learning_rate_at(epoch: int) -> float:
+        if is_backbone and not backbone_frozen_at(epoch):
+            return finetune.learning_rate or config.train.learning_rate / 10
+        return config.train.learning_rate
 
     # Training state that must survive a restart, restored from the latest checkpoint.
     start_epoch = 0
@@ -185,9 +205,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def local_value(per_replica):
         return strategy.experimental_local_results(per_replica)[0]
 
-    @tf.function(reduce_retracing=True)
-    def train_step(images, labels):
-        return local_value(strategy.run(replica_train_step, args=(images, labels)))
+    def make_train_step():
+        # A new tf.function per fine-tuning phase: the trainable variables are fixed when it is traced.
+        @tf.function(reduce_retracing=True)
+        def train_step(images, labels):
+            return local_value(strategy.run(replica_train_step, args=(images, labels)))
+
+        return train_step
+
+    train_step = make_train_step()
+    current_phase_frozen: bool | None = None
+
+    def enter_phase(epoch: int) -> None:
+        nonlocal train_step, current_phase_frozen
+        frozen = backbone_frozen_at(epoch)
+        if not is_backbone or frozen == current_phase_frozen:
+            return
+        trainable_layers = set_finetune_phase(model, frozen, finetune.unfreeze_layers)
+        train_step = make_train_step()
+        if rank == 0:
+            if frozen:
+                logger.info("fine-tuning phase 1: backbone frozen, training the head only")
+            else:
+                logger.info(
+                    "fine-tuning phase 2 from epoch %d: %d backbone layers trainable (BatchNorm stays frozen), "
+                    "base learning rate %.3g",
+                    epoch + 1,
+                    len(trainable_layers),
+                    base_learning_rate_at(epoch),
+                )
+        current_phase_frozen = frozen
 
     @tf.function(reduce_retracing=True)
     def eval_step(images, labels):
@@ -247,6 +294,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stopped_early = False
 
     for epoch in range(start_epoch, total_epochs):
+        enter_phase(epoch)
         epoch_started = time.perf_counter()
         local_sums = np.zeros(3, dtype=np.float64)
         steps = 0
@@ -262,7 +310,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             set_learning_rate(
                 learning_rate_at(
                     config.train.schedule,
-                    config.train.learning_rate,
+                    base_learning_rate_at(epoch),
                     epoch * steps_per_epoch + steps,
                     steps_per_epoch,
                     total_epochs,
@@ -480,13 +528,16 @@ def _prepare_data(config: JobConfig):
     return images.class_names, train_split, val_split
 
 
-def run(config: JobConfig) -> TrainResult:
-    """Train `config` on the current Ray cluster and write the model artifact to `output_dir/model`."""
+def run(config: JobConfig, callbacks: list | None = None) -> TrainResult:
+    """Train `config` on the current Ray cluster and write the model artifact to `output_dir/model`.
+
+    `callbacks` are Ray Train callbacks (Ray Tune passes its report callback here)."""
     import ray
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
     from imgcls.artifact import save_artifact
+    from imgcls.initial_weights import prepare_initial_weights
     from imgcls.models import class_weight_vector, task_for
     from imgcls.ray_runtime import cluster_totals, ensure_ray
     from imgcls.resources import plan_training
@@ -528,6 +579,7 @@ def run(config: JobConfig) -> TrainResult:
             f"train.early_stopping.monitor is '{config.train.early_stopping.monitor}' but there is no validation "
             "set: set data.val or data.val_fraction > 0, or monitor 'loss'."
         )
+    initial_weights = prepare_initial_weights(config, class_names)
     resources_per_worker: dict[str, float] = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources_per_worker["GPU"] = plan.gpus_per_worker
@@ -541,6 +593,7 @@ def run(config: JobConfig) -> TrainResult:
             "train_shards": train_shards,
             "val_shards": val_shards,
             "class_weights": class_weights,
+            "initial_weights": ray.put(initial_weights) if initial_weights is not None else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources_per_worker
@@ -550,6 +603,7 @@ def run(config: JobConfig) -> TrainResult:
             storage_path=output_dir.join("checkpoints").path,
             storage_filesystem=None if output_dir.is_local else output_dir.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.train.checkpoints_to_keep,
                 checkpoint_score_attribute=monitor,
@@ -570,6 +624,8 @@ def run(config: JobConfig) -> TrainResult:
         raise RuntimeError("training finished without a checkpoint; see the worker logs above")
 
     import keras
+
+    import imgcls.backbones  # noqa: F401  (registers the custom preprocessing layer for loading)
 
     with result.checkpoint.as_directory() as checkpoint_dir:
         model = keras.saving.load_model(Path(checkpoint_dir) / CHECKPOINT_MODEL_FILE, compile=False, safe_mode=True)
