@@ -71,8 +71,8 @@ def create_backbone_model(
     num_classes: int,
     backbone_weights: str | None = None,
 ) -> keras.Model:
-    """Raw pixels -> (grey to RGB) -> backbone preprocessing -> backbone in inference mode ->
-    global average pooling -> dense head -> predictions."""
+    """Raw pixels -> (grey to RGB) -> backbone preprocessing -> backbone (in inference mode when
+    pretrained) -> global average pooling -> dense head -> predictions."""
     from imgcls.models import classification_head
 
     inputs = keras.Input(shape=(*image_size, channels), name="image")
@@ -83,9 +83,12 @@ def create_backbone_model(
     if config.name == "ResNet50":
         features = CaffePreprocessing(name="caffe_preprocessing")(features)
     backbone = create_backbone(config.name, tuple(image_size), backbone_weights)
-    # training=False keeps BatchNorm (and the backbone's dropout) in inference mode even while the
-    # rest of the model trains, so its statistics never drift on small batches.
-    features = backbone(features, training=False)
+    if config.is_pretrained_backbone:
+        # training=False keeps BatchNorm (and the backbone's dropout) in inference mode even while
+        # the rest of the model trains, so pretrained statistics never drift on small batches.
+        features = backbone(features, training=False)
+    else:
+        features = backbone(features)  # From scratch: BatchNorm learns its statistics as usual.
     features = keras.layers.GlobalAveragePooling2D(name="global_pool")(features)
     for index, units in enumerate(config.dense_units, start=1):
         if config.dense_dropout:

@@ -171,6 +171,12 @@ class ModelConfig(StrictModel):
     dense_units: list[int] = Field(default=[128], description="cnn: hidden Dense layers (relu) before the output.")
     dense_dropout: float = Field(default=0.3, ge=0, lt=1, description="cnn: dropout rate before each Dense layer.")
 
+    @property
+    def is_pretrained_backbone(self) -> bool:
+        """A backbone that starts from learned weights: it gets the frozen-BatchNorm fine-tuning
+        treatment. A backbone with `weights: none` trains from scratch like any network."""
+        return self.name in BACKBONES and (self.weights != "none" or self.init_from is not None)
+
     @field_validator("filters", "dense_units")
     @classmethod
     def _positive_sizes(cls, value: list[int]) -> list[int]:
@@ -372,10 +378,15 @@ class JobConfig(StrictModel):
                     f"model.name {self.model.name} needs data.image_size of at least "
                     f"[{BACKBONE_MIN_IMAGE_SIZE}, {BACKBONE_MIN_IMAGE_SIZE}], got {list(self.data.image_size)}"
                 )
-        elif self.finetune.freeze_epochs is not None:
+        if self.finetune.freeze_epochs is not None and not self.model.is_pretrained_backbone:
+            what = (
+                f"model.name {self.model.name}"
+                if self.model.name not in BACKBONES
+                else f"{self.model.name} with model.weights none (training from scratch)"
+            )
             raise ValueError(
-                f"finetune.freeze_epochs applies to pretrained backbones ({', '.join(BACKBONES)}), "
-                f"not to model.name {self.model.name}"
+                f"finetune.freeze_epochs applies to backbones ({', '.join(BACKBONES)}) that start from pretrained "
+                f"weights (model.weights, or model.init_from), not to {what}"
             )
         return self
 

@@ -76,6 +76,10 @@ def _warm_start(config: JobConfig, class_names: list[str]) -> list[np.ndarray]:
 
 def prepare_initial_weights(config: JobConfig, class_names: list[str]) -> list[np.ndarray] | None:
     """The weights every worker starts from, or None for a fresh seeded initialisation."""
+    import keras
+
+    # Seeded, so the new head starts the same way on every run of the same config.
+    keras.utils.set_random_seed(config.seed)
     if config.model.init_from:
         return _warm_start(config, class_names)
     if config.model.name in BACKBONES and config.model.weights != "none":

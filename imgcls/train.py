@@ -104,7 +104,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import keras
 
     from imgcls.backbones import set_finetune_phase
-    from imgcls.config import BACKBONES
     from imgcls.models import create_loss, create_model, create_optimizer
     from imgcls.schedules import EarlyStopper, PlateauTracker, learning_rate_at
 
@@ -124,17 +123,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     keras.utils.set_random_seed(config.seed)
     finetune = config.finetune
-    is_backbone = config.model.name in BACKBONES
+    # Pretrained backbones train in phases (head first, then the top of the backbone).
+    fine_tuning = config.model.is_pretrained_backbone
     with strategy.scope():
         model = create_model(config.model, tuple(config.data.image_size), config.data.channels, num_classes)
         optimizer = create_optimizer(config.train.optimizer, config.train.learning_rate)
         if mixed_precision:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        if is_backbone and finetune.freeze_epochs is not None:
+        if fine_tuning and finetune.freeze_epochs is not None:
             # Slots for every variable phase 2 will train, so the optimizer state (and its checkpoint
             # layout) is the same in both phases.
             set_finetune_phase(model, frozen=False, unfreeze_layers=finetune.unfreeze_layers)
-        elif is_backbone:
+        elif fine_tuning:
             set_finetune_phase(model, frozen=True)
         optimizer.build(model.trainable_variables)
     if loop_config.get("initial_weights") is not None:
@@ -142,10 +142,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     loss_function = create_loss(num_classes, config.train.label_smoothing, loop_config["class_weights"])
 
     def backbone_frozen_at(epoch: int) -> bool:
-        return is_backbone and (finetune.freeze_epochs is None or epoch < finetune.freeze_epochs)
+        return fine_tuning and (finetune.freeze_epochs is None or epoch < finetune.freeze_epochs)
 
     def base_learning_rate_at(epoch: int) -> float:
-        if is_backbone and not backbone_frozen_at(epoch):
+        if fine_tuning and not backbone_frozen_at(epoch):
             return finetune.learning_rate or config.train.learning_rate / 10
         return config.train.learning_rate
 
@@ -219,7 +219,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def enter_phase(epoch: int) -> None:
         nonlocal train_step, current_phase_frozen
         frozen = backbone_frozen_at(epoch)
-        if not is_backbone or frozen == current_phase_frozen:
+        if not fine_tuning or frozen == current_phase_frozen:
             return
         trainable_layers = set_finetune_phase(model, frozen, finetune.unfreeze_layers)
         train_step = make_train_step()

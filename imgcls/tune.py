@@ -315,8 +315,10 @@ def run(config: JobConfig) -> TuneResult:
                 mode=mode,
                 scheduler=scheduler,
                 num_samples=settings.num_samples,
-                max_concurrent_trials=plan.max_concurrent_trials,
-                search_alg=tune.search.BasicVariantGenerator(random_state=config.seed),
+                # Tune ignores TuneConfig.max_concurrent_trials when a search algorithm is given.
+                search_alg=tune.search.BasicVariantGenerator(
+                    random_state=config.seed, max_concurrent=plan.max_concurrent_trials
+                ),
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
