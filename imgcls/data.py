@@ -317,6 +317,7 @@ def prepare_split(
     seed: int,
     split_name: str,
     endpoint_url: str | None = None,
+    num_cpus: float | None = None,
 ) -> PreparedSplit:
     """Decode a split once into the object store at model resolution, dropping undecodable files.
 
@@ -329,8 +330,9 @@ def prepare_split(
     order = generator.permutation(len(images.paths))  # Mix classes across blocks.
     shuffled = images.subset(order)
     decoded = decoded_dataset(
-        shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size, endpoint_url
-    ).materialize()
+        shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size, endpoint_url,
+        num_cpus=num_cpus,
+    ).materialize()  # fmt: skip
     skipped_rows = decoded.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
     skipped = [{"path": str(row["path"]), "error": str(row["error"])} for row in skipped_rows]
     # `row` is a stable id per image: augmentation draws its random parameters from it.

@@ -58,6 +58,12 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def data_task_cpus(config: JobConfig) -> float:
+    """CPUs per Ray Data task: a whole one, unless the plan keeps less than that for data (Tune
+    trials sharing a small cluster), where a 1-CPU task would wait forever."""
+    return min(1.0, config.scaling.data_cpus)
+
+
 def epoch_pipeline(shard, config: JobConfig, epoch: int, rank: int, randomize_blocks: bool = True):
     """This worker's shard for one epoch: blocks in a new order, then augmented as Ray Data tasks
     (on the CPUs the resource plan keeps for data), so the training process only trains.
@@ -75,8 +81,44 @@ def epoch_pipeline(shard, config: JobConfig, epoch: int, rank: int, randomize_bl
             batch_size=config.train.batch_size,
             batch_format="numpy",
             fn_kwargs={"config": config.augment, "seed": config.seed, "epoch": epoch},
+            num_cpus=data_task_cpus(config),
         )
     return pipeline
+
+
+# A worker keeps its decoded shard in memory when it is at most this big and unaugmented (what
+# `tf.data.Dataset.cache()` does for a plain Keras loop): later epochs then reshuffle in numpy
+# instead of streaming the same pixels from the object store again.
+SHARD_CACHE_MAX_BYTES = 512 * 1024 * 1024
+
+
+class ShardCache:
+    """The decoded images and labels of one worker's shard, filled during the first epoch."""
+
+    def __init__(self) -> None:
+        self.images: list = []
+        self.labels: list = []
+        self.ready = False
+
+    def add(self, batch: dict) -> None:
+        self.images.append(batch["image"])
+        self.labels.append(batch["label"])
+
+    def finish(self) -> None:
+        import numpy as np
+
+        self.images = np.concatenate(self.images)
+        self.labels = np.concatenate(self.labels)
+        self.ready = True
+
+    def batches(self, batch_size: int, seed: int):
+        """A fresh seeded permutation every epoch, cut into batches like Ray Data's iterator."""
+        import numpy as np
+
+        order = np.random.default_rng(seed).permutation(len(self.labels))
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            yield {"image": self.images[chosen], "label": self.labels[chosen]}
 
 
 def evaluation_batches(shard, batch_size: int):
@@ -289,6 +331,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_shards = loop_config["val_shards"]
     val_shard = val_shards[rank] if val_shards else None
     shuffle_buffer = max(batch_size, min(2048, rows_per_worker))
+    shard_bytes = rows_per_worker * int(np.prod(config.data.image_size)) * config.data.channels
+    cache = ShardCache() if not config.augment.is_active and shard_bytes <= SHARD_CACHE_MAX_BYTES else None
     training_started = time.perf_counter()
     early = config.train.early_stopping
     stopped_early = False
@@ -298,13 +342,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         epoch_started = time.perf_counter()
         local_sums = np.zeros(3, dtype=np.float64)
         steps = 0
-        for batch in epoch_pipeline(train_shard, config, epoch, rank, rows_per_worker > shuffle_buffer).iter_batches(
-            batch_size=batch_size,
-            batch_format="numpy",
-            prefetch_batches=2,
-            local_shuffle_buffer_size=shuffle_buffer,
-            local_shuffle_seed=config.seed * 1000 + epoch * 10 + rank,
-        ):
+        epoch_seed = config.seed * 1000 + epoch * 10 + rank
+        if cache is not None and cache.ready:
+            batches = cache.batches(batch_size, epoch_seed)
+        else:
+            batches = epoch_pipeline(train_shard, config, epoch, rank, rows_per_worker > shuffle_buffer).iter_batches(
+                batch_size=batch_size,
+                batch_format="numpy",
+                prefetch_batches=2,
+                local_shuffle_buffer_size=shuffle_buffer,
+                local_shuffle_seed=epoch_seed,
+            )
+        for batch in batches:
+            if cache is not None and not cache.ready:
+                cache.add(batch)
             if steps == steps_per_epoch:
                 raise RuntimeError(f"worker {rank} received more than the planned {steps_per_epoch} batches")
             set_learning_rate(
@@ -323,6 +374,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # Stopping here (rather than waiting in a collective the others never join) lets Ray
             # Train tear the group down instead of hanging.
             raise RuntimeError(f"worker {rank} received {steps} batches, planned {steps_per_epoch}")
+        if cache is not None and not cache.ready:
+            cache.finish()
         train_loss, train_correct, train_count = sum_across_workers(tf.constant(local_sums, dtype=tf.float32)).numpy()
         train_seconds = time.perf_counter() - epoch_started
         metrics: dict[str, Any] = {
@@ -514,6 +567,7 @@ def _prepare_data(config: JobConfig):
         decode_batch_size=config.data.decode_batch_size,
         seed=config.seed,
         endpoint_url=endpoint_url,
+        num_cpus=data_task_cpus(config),
     )
     train_split = data.prepare_split(train_images, split_name="train", **settings)
     empty = [name for name, count in train_split.class_counts.items() if count == 0]

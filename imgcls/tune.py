@@ -57,33 +57,32 @@ class TuneResult(BaseModel):
 
 
 def plan_tuning(config: JobConfig, cluster_cpus: float) -> TuningPlan:
-    """Trials run side by side on equal shares of the cluster; each share keeps CPU for Ray Data,
-    because training workers that take every CPU starve the data pipeline and hang."""
+    """Trials run side by side on equal shares of the cluster. Each share keeps CPU for Ray Data,
+    because training workers that take every CPU starve the data pipeline and hang, and the
+    reservations of all trials together leave at least one whole CPU, which Ray Data's own
+    filter and split tasks need."""
     settings, scaling = config.tune, config.scaling
     workers = scaling.num_workers
     if scaling.cpus_per_worker is not None:
         per_trial = workers * scaling.cpus_per_worker + scaling.data_cpus + TRIAL_DRIVER_CPUS
-        possible = int(cluster_cpus // per_trial)
+        possible = int((cluster_cpus + 1e-9) // per_trial)
         concurrent = min(settings.max_concurrent_trials or possible, possible)
-        if concurrent < 1:
-            raise ResourcePlanError(
-                f"One trial needs {per_trial:g} CPUs (scaling.num_workers={workers} x scaling.cpus_per_worker="
-                f"{scaling.cpus_per_worker:g} + scaling.data_cpus={scaling.data_cpus:g}) but the cluster has "
-                f"{cluster_cpus:g}. Lower those settings or add CPUs."
-            )
-        return TuningPlan(
-            max_concurrent_trials=concurrent, cpus_per_worker=scaling.cpus_per_worker, data_cpus=scaling.data_cpus
-        )
-    # Unset: one worker CPU each plus the configured data CPUs, as a training run would get.
-    concurrent = settings.max_concurrent_trials or max(1, int(cluster_cpus // (workers + scaling.data_cpus)))
-    share = cluster_cpus / concurrent - TRIAL_DRIVER_CPUS
-    data_cpus = min(scaling.data_cpus, share / 2)
-    cpus_per_worker = min(1.0, (share - data_cpus) / workers)
-    if cpus_per_worker < MIN_CPUS_PER_WORKER or data_cpus < 0.25:
-        most = max(1, int(cluster_cpus // (workers * MIN_CPUS_PER_WORKER + 0.25)))
+        cpus_per_worker, data_cpus = scaling.cpus_per_worker, scaling.data_cpus
+    else:
+        # Unset: a whole CPU per worker plus the configured data CPUs, as a training run would get.
+        per_trial = workers + scaling.data_cpus
+        concurrent = settings.max_concurrent_trials or max(1, int((cluster_cpus + 1e-9) // per_trial))
+        share = cluster_cpus / concurrent
+        data_cpus = min(scaling.data_cpus, share / 2)
+        # The trial's own process takes its sliver from the workers' part, not from the data part.
+        cpus_per_worker = min(1.0, (share - data_cpus - TRIAL_DRIVER_CPUS) / workers)
+    reserved = concurrent * (workers * cpus_per_worker + TRIAL_DRIVER_CPUS)
+    if concurrent < 1 or cpus_per_worker < MIN_CPUS_PER_WORKER or data_cpus < 0.25 or cluster_cpus - reserved < 1 - 1e-9:
+        most = max(1, int((cluster_cpus - 1) // (workers * MIN_CPUS_PER_WORKER + TRIAL_DRIVER_CPUS)))
         raise ResourcePlanError(
-            f"tune.max_concurrent_trials={concurrent} leaves each trial {share:g} CPU on a {cluster_cpus:g}-CPU "
-            f"cluster: too little for {workers} worker(s) and Ray Data. Use at most {most} concurrent trials."
+            f"{concurrent or settings.max_concurrent_trials} concurrent trial(s) of {workers} worker(s) do not fit "
+            f"a {cluster_cpus:g}-CPU cluster with CPU left for Ray Data. Use at most {min(most, int(cluster_cpus * 2))} "
+            "concurrent trials (tune.max_concurrent_trials), lower scaling.cpus_per_worker, or add CPUs."
         )
     return TuningPlan(
         max_concurrent_trials=concurrent, cpus_per_worker=round(cpus_per_worker, 4), data_cpus=round(data_cpus, 4)

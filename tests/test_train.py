@@ -74,3 +74,26 @@ def test_a_class_with_no_readable_images_is_a_data_error(ray_session, tmp_path):
     config = load_job_config(None, tiny_job_overrides(tmp_path / "data", tmp_path / "out", epochs=1))
     with pytest.raises(DataError, match=r"\['bad'\] have no readable training images"):
         train.run(config)
+
+
+def test_shard_cache_reshuffles_every_row_exactly_once_per_epoch():
+    import numpy as np
+
+    from imgcls.train import ShardCache
+
+    cache = ShardCache()
+    images = np.arange(10 * 2 * 2, dtype=np.uint8).reshape(10, 2, 2, 1)
+    labels = np.arange(10)
+    for start in range(0, 10, 4):  # as Ray Data hands batches over during the first epoch
+        cache.add({"image": images[start : start + 4], "label": labels[start : start + 4]})
+    cache.finish()
+    epochs = []
+    for seed in (1, 2):
+        batches = list(cache.batches(4, seed))
+        assert [len(batch["label"]) for batch in batches] == [4, 4, 2]
+        order = np.concatenate([batch["label"] for batch in batches])
+        assert sorted(order.tolist()) == list(range(10))
+        for batch in batches:  # images travel with their labels
+            np.testing.assert_array_equal(batch["image"], images[batch["label"]])
+        epochs.append(order.tolist())
+    assert epochs[0] != epochs[1]

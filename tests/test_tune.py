@@ -31,8 +31,11 @@ def test_plan_shares_the_cluster_and_keeps_cpu_for_data(tmp_path):
     assert two.data_cpus >= 0.25 and two.cpus_per_worker >= 0.25
     assert 2 * (two.cpus_per_worker + two.data_cpus + TRIAL_DRIVER_CPUS) <= 2 + 1e-9
 
-    with pytest.raises(ResourcePlanError, match="at most"):
-        plan_tuning(_tune_config("x", tmp_path, "tune.max_concurrent_trials=8"), cluster_cpus=2)
+    with pytest.raises(ResourcePlanError, match="at most 3 concurrent trials"):
+        plan_tuning(_tune_config("x", tmp_path, "tune.max_concurrent_trials=4"), cluster_cpus=2)
+    # Explicit worker CPUs: as many trials as fit, always leaving a whole CPU for Ray Data's tasks.
+    fixed = plan_tuning(_tune_config("x", tmp_path, "scaling.cpus_per_worker=1", "scaling.data_cpus=1"), cluster_cpus=8)
+    assert fixed.max_concurrent_trials == 3
 
 
 def test_search_space_keys_and_values_are_checked_before_any_trial(tmp_path):
@@ -57,9 +60,11 @@ def test_four_trials_with_asha_on_two_cpus_and_the_best_config_trains(ray_sessio
     from imgcls.cli import main
 
     output_dir = tmp_path / "search"
+    # Two trials at once with augmentation: each trial's Ray Data tasks must fit in its half-CPU share.
     config = _tune_config(
-        pattern_dataset, output_dir, "tune.num_samples=2", "tune.metric=val_loss", "tune.max_concurrent_trials=2"
-    )
+        pattern_dataset, output_dir, "tune.num_samples=2", "tune.metric=val_loss", "tune.max_concurrent_trials=2",
+        "augment.horizontal_flip=true",
+    )  # fmt: skip
     result = tune.run(config)
 
     rows = list(csv.DictReader((output_dir / "trials.csv").open()))
