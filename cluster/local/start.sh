@@ -1,24 +1,60 @@
 #!/usr/bin/env bash
-# Start a single-node Ray on this machine, reachable from 127.0.0.1 only.
-# Usage: cluster/local/start.sh [NUM_CPUS]   (default 4)
-# Relative paths in jobs resolve against this checkout (IMGCLS_BASE_DIR), also for `ray job submit`.
+# Start a single-node Ray on this machine with token authentication, its dashboard and Jobs API on
+# 127.0.0.1 only.
+#
+# Usage: cluster/local/start.sh [NUM_CPUS [extra `ray start` options ...]]   (NUM_CPUS default 4)
+#
+# Environment (all optional):
+#   RAY_AUTH_TOKEN_PATH    the token file; default ~/.ray/auth_token, where Ray clients look for it.
+#                          Created with mode 0600 if missing; an existing one is kept (and set to 0600).
+#   IMGCLS_RAY_PORT        GCS port, default 6379; cluster/local/stop.sh finds the cluster by it.
+#   IMGCLS_DASHBOARD_PORT  dashboard and Jobs API port, default 8265.
+#   IMGCLS_RAY_TEMP_DIR    Ray's session and log folder, default Ray's own (/tmp/ray), where
+#                          `ray status` and drivers with RAY_ADDRESS=http://127.0.0.1:8265 find the cluster.
+#   IMGCLS_BASE_DIR        base of relative paths in jobs, also under `ray job submit`; default this checkout.
+#
+# Ray has no loopback-only mode for its other ports: the GCS, raylet, agents and Ray Client server
+# listen on this machine's address (Ray replaces 127.0.0.1 given as node address by it). Token
+# authentication guards every one of them; only the metrics exporters answer without it (read-only).
+# On a shared network, a host firewall that drops those ports from outside closes them too.
 set -euo pipefail
 repo_root="$(cd "$(dirname "$0")/../.." && pwd)"
-ray_bin="${repo_root}/.venv/bin/ray"
+venv_bin="${repo_root}/.venv/bin"
+ray_bin="${venv_bin}/ray"
 [ -x "$ray_bin" ] || ray_bin="ray"
+
+num_cpus="${1:-4}"
+[ "$#" -gt 0 ] && shift
+gcs_port="${IMGCLS_RAY_PORT:-6379}"
+dashboard_port="${IMGCLS_DASHBOARD_PORT:-8265}"
+token_path="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+temp_dir_option=()
+[ -n "${IMGCLS_RAY_TEMP_DIR:-}" ] && temp_dir_option=(--temp-dir "$IMGCLS_RAY_TEMP_DIR")
+
+# Token authentication: anyone who reaches the Jobs API can run code (CVE-2023-48022).
+# The token file is created private (0600 from its first byte), see cluster/make_token.sh.
+"${repo_root}/cluster/make_token.sh" "$token_path"
+export RAY_AUTH_MODE=token
+# `ray start` reads the token from RAY_AUTH_TOKEN_PATH, else from ~/.ray/auth_token.
+[ -n "${RAY_AUTH_TOKEN_PATH:-}" ] && export RAY_AUTH_TOKEN_PATH
+
 # TensorFlow C++ start-up chatter (CUDA probing on CPU nodes) buries the useful log lines.
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 export IMGCLS_BASE_DIR="${IMGCLS_BASE_DIR:-$repo_root}"
-export PATH="${repo_root}/.venv/bin:${PATH}"
-# Token authentication: anyone who reaches the Jobs API can run code (CVE-2023-48022).
-export RAY_AUTH_MODE=token
-"$ray_bin" get-auth-token --generate >/dev/null
-chmod 600 "${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+[ -d "$venv_bin" ] && export PATH="${venv_bin}:${PATH}"
+
 "$ray_bin" start --head \
-    --num-cpus "${1:-4}" \
-    --node-ip-address 127.0.0.1 \
-    --dashboard-host 127.0.0.1 --dashboard-port 8265 \
-    --disable-usage-stats
-echo "Ray is up with token authentication. Submit jobs with:"
-echo "  export RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:8265"
-echo "  ray job submit --working-dir . -- python jobs/train.py --config examples/configs/digits.yaml"
+    --num-cpus "$num_cpus" \
+    --port "$gcs_port" \
+    --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --include-dashboard true \
+    --disable-usage-stats \
+    ${temp_dir_option[@]+"${temp_dir_option[@]}"} \
+    "$@"
+
+client_env="RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:${dashboard_port}"
+[ -n "${RAY_AUTH_TOKEN_PATH:-}" ] && client_env="${client_env} RAY_AUTH_TOKEN_PATH=${token_path}"
+echo "Ray is up with token authentication (token file ${token_path}). Submit jobs from this checkout:"
+echo "  export ${client_env}"
+echo "  ray job submit --runtime-env cluster/runtime_env.yaml --entrypoint-num-cpus 1 -- \\"
+echo "      python jobs/train.py --config examples/configs/digits.yaml"
+echo "Stop it with: cluster/local/stop.sh"
