@@ -21,6 +21,7 @@ from conftest import REPO_ROOT, free_port
 VENV_BIN = Path(sys.executable).parent
 START = REPO_ROOT / "cluster" / "local" / "start.sh"
 STOP = REPO_ROOT / "cluster" / "local" / "stop.sh"
+SUBMIT = REPO_ROOT / "cluster" / "submit.sh"
 RUNTIME_ENV = "cluster/runtime_env.yaml"
 # Logical CPUs of the test cluster: the driver's entrypoint CPU, one training worker, one for Ray Data.
 HEAD_CPUS = 3
@@ -244,17 +245,53 @@ def test_ray_job_submit_trains_the_smoke_config(head_node, pattern_dataset):
     assert table.num_rows == len(list(pattern_dataset.rglob("*.png")))
 
 
-def test_a_failed_job_fails_ray_job_submit_and_keeps_its_exit_code(head_node):
-    """What alerting relies on: `ray job submit` exits non-zero, and the Jobs API keeps the driver's
-    own exit code (2: a user error, 1: an internal failure)."""
-    submission_id = "imgcls-e2e-user-error"
-    completed, output = submit(
-        head_node,
-        submission_id,
-        ["python", "jobs/train.py", "--config", "examples/configs/smoke.yaml", "--set", "train.no_such_key=1"],
-    )
+def test_a_failed_job_fails_ray_job_submit_and_submit_sh_passes_on_its_exit_code(head_node):
+    """What alerting relies on: `ray job submit` exits 1 for a failed job, the Jobs API keeps the
+    driver's own exit code, and cluster/submit.sh exits with it (2: a user error)."""
+    entrypoint = ["python", "jobs/train.py", "--config", "examples/configs/smoke.yaml", "--set", "train.no_such_key=1"]
+    completed, output = submit(head_node, "imgcls-e2e-user-error", entrypoint)
     assert completed.returncode == 1, output[-4000:]
-    info = authorized_get(head_node, f"/api/jobs/{submission_id}")
-    assert info["status"] == "FAILED"
-    assert info["driver_exit_code"] == 2
+    info = authorized_get(head_node, "/api/jobs/imgcls-e2e-user-error")
+    assert info["status"] == "FAILED" and info["driver_exit_code"] == 2
     assert "no_such_key" in output
+
+    wrapped = subprocess.run(
+        [str(SUBMIT), "--address", head_node["address"], "--runtime-env", RUNTIME_ENV, "--entrypoint-num-cpus", "1",
+         "--", *entrypoint],
+        cwd=REPO_ROOT, env=head_node["environment"], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert wrapped.returncode == 2, wrapped.stdout[-3000:] + wrapped.stderr[-3000:]
+    assert "FAILED, driver exit code 2; exit 2" in wrapped.stderr
+
+
+def test_submit_sh_fails_for_a_job_stopped_halfway(head_node):
+    """`ray job submit` exits 0 when someone stops the job; cluster/submit.sh exits 1."""
+    submission_id = "imgcls-e2e-stopped"
+    wrapper = subprocess.Popen(
+        [str(SUBMIT), "--submission-id", submission_id, "--runtime-env", RUNTIME_ENV, "--",
+         "python", "-c", "import time; time.sleep(300)"],
+        cwd=REPO_ROOT, env={**head_node["environment"], "RAY_ADDRESS": head_node["address"]},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if authorized_get(head_node, f"/api/jobs/{submission_id}")["status"] == "RUNNING":
+                    break
+            except urllib.error.HTTPError:
+                pass  # not submitted yet
+            assert time.monotonic() < deadline and wrapper.poll() is None, "the job never ran"
+            time.sleep(1)
+        token = head_node["token_path"].read_text().strip()
+        stop = urllib.request.Request(
+            f"{head_node['address']}/api/jobs/{submission_id}/stop", method="POST",
+            headers={"Authorization": f"Bearer {token}"},
+        )  # fmt: skip
+        urllib.request.urlopen(stop, timeout=30).close()
+        output, _ = wrapper.communicate(timeout=120)
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    assert wrapper.returncode == 1, output[-3000:]
+    assert f"job {submission_id} STOPPED" in output

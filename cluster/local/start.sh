@@ -9,8 +9,10 @@
 #                          Created with mode 0600 if missing; an existing one is kept (and set to 0600).
 #   IMGCLS_RAY_PORT        GCS port, default 6379; cluster/local/stop.sh finds the cluster by it.
 #   IMGCLS_DASHBOARD_PORT  dashboard and Jobs API port, default 8265.
-#   IMGCLS_RAY_TEMP_DIR    Ray's session and log folder, default Ray's own (/tmp/ray), where
-#                          `ray status` and drivers with RAY_ADDRESS=http://127.0.0.1:8265 find the cluster.
+#   IMGCLS_RAY_TEMP_DIR    Ray's session and log folder, default /tmp/imgcls-ray-$UID. Not Ray's
+#                          default /tmp/ray: a cluster recorded there is joined by every `ray.init()`
+#                          without an address on this machine, so jobs run without RAY_ADDRESS and
+#                          the test suite would no longer start their own private Ray.
 #   IMGCLS_BASE_DIR        base of relative paths in jobs, also under `ray job submit`; default this checkout.
 #
 # Ray has no loopback-only mode for its other ports: the GCS, raylet, agents and Ray Client server
@@ -28,8 +30,7 @@ num_cpus="${1:-4}"
 gcs_port="${IMGCLS_RAY_PORT:-6379}"
 dashboard_port="${IMGCLS_DASHBOARD_PORT:-8265}"
 token_path="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
-temp_dir_option=()
-[ -n "${IMGCLS_RAY_TEMP_DIR:-}" ] && temp_dir_option=(--temp-dir "$IMGCLS_RAY_TEMP_DIR")
+temp_dir="${IMGCLS_RAY_TEMP_DIR:-/tmp/imgcls-ray-$(id -u)}"
 
 # Token authentication: anyone who reaches the Jobs API can run code (CVE-2023-48022).
 # The token file is created private (0600 from its first byte), see cluster/make_token.sh.
@@ -47,8 +48,8 @@ export IMGCLS_BASE_DIR="${IMGCLS_BASE_DIR:-$repo_root}"
     --num-cpus "$num_cpus" \
     --port "$gcs_port" \
     --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --include-dashboard true \
+    --temp-dir "$temp_dir" \
     --disable-usage-stats \
-    ${temp_dir_option[@]+"${temp_dir_option[@]}"} \
     "$@"
 
 client_env="RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:${dashboard_port}"
@@ -57,4 +58,4 @@ echo "Ray is up with token authentication (token file ${token_path}). Submit job
 echo "  export ${client_env}"
 echo "  ray job submit --runtime-env cluster/runtime_env.yaml --entrypoint-num-cpus 1 -- \\"
 echo "      python jobs/train.py --config examples/configs/digits.yaml"
-echo "Stop it with: cluster/local/stop.sh"
+echo "Logs: ${temp_dir}/session_latest/logs. Stop it with: cluster/local/stop.sh"
