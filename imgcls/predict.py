@@ -217,12 +217,12 @@ def prediction_dataset(
     import ray.data
 
     from imgcls.data import decoded_dataset
-    from imgcls.ray_runtime import cluster_totals, ensure_ray
+    from imgcls.ray_runtime import ensure_ray, free_resources
     from imgcls.resources import plan_prediction
 
     endpoint_url = config.storage.endpoint_url
     ensure_ray()
-    totals = cluster_totals()
+    totals = free_resources()
     plan = plan_prediction(config.num_actors, config.use_gpu, totals["CPU"], totals["GPU"])
     logger.info(
         "classifying with %d model actor(s) x %g CPU%s; decoding in parallel tasks",

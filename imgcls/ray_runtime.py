@@ -30,12 +30,50 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         logger.info("starting a local Ray (set RAY_ADDRESS to use a cluster)")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+        # The dashboard (on loopback only) serves Ray's state API, which Ray Train's placement-group
+        # cleaner needs: without it, a trial that Ray Tune stops early leaks its workers' CPUs.
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=_dashboard_port(),
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+        )
 
 
-def cluster_totals() -> dict[str, float]:
-    """CPUs, GPUs and memory of the whole cluster as Ray accounts them."""
+def _dashboard_port(preferred: int = 8265) -> int:
+    """Ray's usual dashboard port, or any free one when another Ray on this machine holds it."""
+    import socket
+
+    for port in (preferred, 0):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return probe.getsockname()[1]
+    raise RuntimeError("no free port for the Ray dashboard")
+
+
+def free_resources(settle_seconds: float = 2.0) -> dict[str, float]:
+    """CPUs and GPUs this job can plan with: the cluster's, less what others hold right now (other
+    jobs, Tune trials, or this job's own entrypoint reservation from `ray job submit
+    --entrypoint-num-cpus`). Planning with the totals instead would reserve CPUs that are not there
+    and leave the data pipeline waiting forever. Resources freed a moment ago (a finished job's
+    actors) are given `settle_seconds` to come back."""
+    import time
+
     import ray
 
-    resources = ray.cluster_resources()
-    return {"CPU": float(resources.get("CPU", 0.0)), "GPU": float(resources.get("GPU", 0.0))}
+    deadline = time.monotonic() + settle_seconds
+    while True:
+        total, available = ray.cluster_resources(), ray.available_resources()
+        free = {name: float(available.get(name, 0.0)) for name in ("CPU", "GPU")}
+        if all(free[name] >= float(total.get(name, 0.0)) - 1e-6 for name in free) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    held = float(total.get("CPU", 0.0)) - free["CPU"]
+    if held > 1e-6:
+        logger.info("%g of the cluster's %g CPUs are held by other work; planning with %g", held, total.get("CPU", 0.0), free["CPU"])
+    return free

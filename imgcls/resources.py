@@ -28,7 +28,7 @@ class TrainingPlan(BaseModel):
         gpu = f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""
         return (
             f"{self.num_workers} worker(s) x {self.cpus_per_worker:g} CPU{gpu}, "
-            f"{self.data_cpus:g} CPU left for Ray Data, of {self.cluster_cpus:g} CPUs in the cluster"
+            f"{self.data_cpus:g} CPU left for Ray Data, of {self.cluster_cpus:g} free CPUs in the cluster"
         )
 
 

@@ -593,11 +593,11 @@ def run(config: JobConfig, callbacks: list | None = None) -> TrainResult:
     from imgcls.artifact import save_artifact
     from imgcls.initial_weights import prepare_initial_weights
     from imgcls.models import class_weight_vector, task_for
-    from imgcls.ray_runtime import cluster_totals, ensure_ray
+    from imgcls.ray_runtime import ensure_ray, free_resources
     from imgcls.resources import plan_training
 
     ensure_ray()
-    totals = cluster_totals()
+    totals = free_resources()
     plan = plan_training(config.scaling, totals["CPU"], totals["GPU"])
     logger.info("resource plan: %s", plan.describe())
 

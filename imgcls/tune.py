@@ -164,6 +164,10 @@ def run_trial(params: dict[str, Any], base_values: dict[str, Any], trials_uri: s
     logging.getLogger("imgcls").setLevel(logging.INFO)
     # Tune runs trials in their own working directories: relative paths keep meaning the driver's.
     os.environ["IMGCLS_BASE_DIR"] = base_dir
+    # Several trials' progress bars interleaved in one driver log are unreadable; Tune reports progress.
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base_values, params, f"{trials_uri.rstrip('/')}/{trial_id}")
     logger.info("trial %s: %s", trial_id, ", ".join(f"{key}={value}" for key, value in params.items()))
@@ -266,14 +270,14 @@ def run(config: JobConfig) -> TuneResult:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from imgcls.plots import trial_curves
-    from imgcls.ray_runtime import cluster_totals, ensure_ray
+    from imgcls.ray_runtime import ensure_ray, free_resources
 
     if config.tune is None:
         raise ConfigError("jobs/tune.py needs a `tune:` section with at least `tune.search_space` (see README).")
     settings = config.tune
     check_search_space(config)
     ensure_ray()
-    plan = plan_tuning(config, cluster_totals()["CPU"])
+    plan = plan_tuning(config, free_resources()["CPU"])
     logger.info("tuning plan: %s", plan.describe(config.scaling.num_workers))
 
     output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)

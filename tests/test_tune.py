@@ -67,6 +67,9 @@ def test_four_trials_with_asha_on_two_cpus_and_the_best_config_trains(ray_sessio
     )  # fmt: skip
     result = tune.run(config)
 
+    # Trials ASHA stopped must give their workers' CPUs back (Ray Train's placement-group cleaner).
+    assert _live_placement_groups_after_cleanup() == []
+
     rows = list(csv.DictReader((output_dir / "trials.csv").open()))
     assert len(rows) == 4 == len(result.trials)
     statuses = [row["status"] for row in rows]
@@ -93,6 +96,19 @@ def test_four_trials_with_asha_on_two_cpus_and_the_best_config_trains(ray_sessio
     assert main(["train", "--config", str(output_dir / "best_config.yaml")]) == 0
     assert "written to" in capsys.readouterr().out
     assert (output_dir / "best" / "model" / "metadata.json").is_file()
+
+
+def _live_placement_groups_after_cleanup(timeout_seconds: float = 60) -> list:
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        live = [group["bundles"] for group in ray.util.placement_group_table().values() if group["state"] != "REMOVED"]
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(1)
 
 
 def test_tune_command_without_a_tune_section_exits_2(tmp_path, capsys):
