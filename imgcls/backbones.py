@@ -88,7 +88,12 @@ def create_backbone_model(
         # the rest of the model trains, so pretrained statistics never drift on small batches.
         features = backbone(features, training=False)
     else:
-        features = backbone(features)  # From scratch: BatchNorm learns its statistics as usual.
+        # From scratch, BatchNorm learns its statistics as usual, but the applications' momenta
+        # (0.99-0.999) need thousands of steps to settle: a small data set would validate at chance.
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = config.batch_norm_momentum
+        features = backbone(features)
     features = keras.layers.GlobalAveragePooling2D(name="global_pool")(features)
     for index, units in enumerate(config.dense_units, start=1):
         if config.dense_dropout:

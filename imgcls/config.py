@@ -159,8 +159,8 @@ class ModelConfig(StrictModel):
         default=0.9,
         gt=0,
         lt=1,
-        description="cnn: BatchNorm moving-statistics momentum. Keras' 0.99 needs thousands of steps to settle; "
-        "0.9 suits the few hundred steps of a small data set.",
+        description="cnn, and backbones trained from scratch (weights: none): BatchNorm moving-statistics momentum. "
+        "Keras' 0.99 needs thousands of steps to settle; 0.9 suits the few hundred steps of a small data set.",
     )
     block_dropout: float = Field(default=0.1, ge=0, lt=1, description="cnn: dropout rate after each block.")
     pooling: Literal["max", "average"] = Field(default="max", description="cnn: 2x2 pooling after each block.")

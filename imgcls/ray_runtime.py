@@ -56,6 +56,14 @@ def _dashboard_port(preferred: int = 8265) -> int:
     raise RuntimeError("no free port for the Ray dashboard")
 
 
+def cluster_totals() -> dict[str, float]:
+    """CPUs and GPUs of the whole cluster as Ray accounts them, held or not."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return {"CPU": float(resources.get("CPU", 0.0)), "GPU": float(resources.get("GPU", 0.0))}
+
+
 def free_resources(settle_seconds: float = 2.0) -> dict[str, float]:
     """CPUs and GPUs this job can plan with: the cluster's, less what others hold right now (other
     jobs, Tune trials, or this job's own entrypoint reservation from `ray job submit

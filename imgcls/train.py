@@ -582,10 +582,12 @@ def _prepare_data(config: JobConfig):
     return images.class_names, train_split, val_split
 
 
-def run(config: JobConfig, callbacks: list | None = None) -> TrainResult:
+def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: bool = True) -> TrainResult:
     """Train `config` on the current Ray cluster and write the model artifact to `output_dir/model`.
 
-    `callbacks` are Ray Train callbacks (Ray Tune passes its report callback here)."""
+    `callbacks` are Ray Train callbacks (Ray Tune passes its report callback here). A Tune trial
+    plans with the cluster's total CPUs (`plan_with_free_cpus=False`): the search already gave it
+    its share, and CPUs a stopped trial is still releasing are worth waiting for."""
     import ray
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
@@ -593,11 +595,11 @@ def run(config: JobConfig, callbacks: list | None = None) -> TrainResult:
     from imgcls.artifact import save_artifact
     from imgcls.initial_weights import prepare_initial_weights
     from imgcls.models import class_weight_vector, task_for
-    from imgcls.ray_runtime import ensure_ray, free_resources
+    from imgcls.ray_runtime import cluster_totals, ensure_ray, free_resources
     from imgcls.resources import plan_training
 
     ensure_ray()
-    totals = free_resources()
+    totals = free_resources() if plan_with_free_cpus else cluster_totals()
     plan = plan_training(config.scaling, totals["CPU"], totals["GPU"])
     logger.info("resource plan: %s", plan.describe())
 

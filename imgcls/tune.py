@@ -171,7 +171,7 @@ def run_trial(params: dict[str, Any], base_values: dict[str, Any], trials_uri: s
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base_values, params, f"{trials_uri.rstrip('/')}/{trial_id}")
     logger.info("trial %s: %s", trial_id, ", ".join(f"{key}={value}" for key, value in params.items()))
-    train.run(config, callbacks=[TuneReportCallback()])
+    train.run(config, callbacks=[TuneReportCallback()], plan_with_free_cpus=False)
 
 
 def _metric_history(result, metric: str) -> list[tuple[int, float]]:
@@ -265,7 +265,6 @@ def _copy_artifact(source: storage.Location, destination: storage.Location) -> N
 def run(config: JobConfig) -> TuneResult:
     """Search `config.tune.search_space`, then write the trials table, the metric plot,
     best_config.yaml and the best trial's artifact under output_dir."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 

@@ -249,3 +249,21 @@ def test_backbone_configs_are_checked():
         load_job_config(None, ["data.train=x", "finetune.freeze_epochs=2"])
     with pytest.raises(ConfigError, match="unfreeze_layers"):
         load_job_config(None, ["data.train=x", "model.name=ResNet50", "data.image_size=[32, 32]", "finetune.unfreeze_layers=0"])
+
+
+def test_backbones_from_scratch_learn_batchnorm_statistics_at_the_configured_momentum():
+    """MobileNetV3's own BatchNorm momentum (0.999) would leave a small from-scratch run validating
+    at chance; pretrained backbones keep their layers untouched (they stay in inference mode)."""
+    import keras
+
+    from imgcls.backbones import backbone_of
+    from imgcls.models import create_model
+
+    def momenta(weights: str) -> set[float]:
+        model = create_model(ModelConfig(name="MobileNetV3Small", weights=weights), (BACKBONE_SIZE, BACKBONE_SIZE), 3, 2)
+        return {
+            layer.momentum for layer in backbone_of(model).layers if isinstance(layer, keras.layers.BatchNormalization)
+        }
+
+    assert momenta("none") == {0.9}
+    assert momenta("imagenet") == {0.999}
