@@ -73,7 +73,7 @@ def create_backbone_model(
 ) -> keras.Model:
     """Raw pixels -> (grey to RGB) -> backbone preprocessing -> backbone (in inference mode when
     pretrained) -> global average pooling -> dense head -> predictions."""
-    from imgcls.models import classification_head
+    from imgcls.models import dense_head
 
     inputs = keras.Input(shape=(*image_size, channels), name="image")
     features = inputs
@@ -95,14 +95,7 @@ def create_backbone_model(
                 layer.momentum = config.batch_norm_momentum
         features = backbone(features)
     features = keras.layers.GlobalAveragePooling2D(name="global_pool")(features)
-    for index, units in enumerate(config.dense_units, start=1):
-        if config.dense_dropout:
-            features = keras.layers.Dropout(config.dense_dropout, name=f"dense{index}_dropout")(features)
-        features = keras.layers.Dense(units, activation="relu", name=f"dense{index}")(features)
-    if config.dense_dropout:
-        features = keras.layers.Dropout(config.dense_dropout, name="head_dropout")(features)
-    outputs = classification_head(features, num_classes)
-    return keras.Model(inputs, outputs, name=config.name)
+    return keras.Model(inputs, dense_head(features, config, num_classes), name=config.name)
 
 
 def backbone_of(model: keras.Model) -> keras.Model:

@@ -54,14 +54,18 @@ def create_cnn(config: ModelConfig, image_size: tuple[int, int], channels: int, 
         features = keras.layers.GlobalAveragePooling2D(name="global_pool")(features)
     else:
         features = keras.layers.Flatten(name="flatten")(features)
+    return keras.Model(inputs, dense_head(features, config, num_classes), name="cnn")
+
+
+def dense_head(features, config: ModelConfig, num_classes: int):
+    """Feature vector -> (dropout, Dense relu) per `dense_units` -> dropout -> class probabilities."""
     for index, units in enumerate(config.dense_units, start=1):
         if config.dense_dropout:
             features = keras.layers.Dropout(config.dense_dropout, name=f"dense{index}_dropout")(features)
         features = keras.layers.Dense(units, activation="relu", name=f"dense{index}")(features)
     if config.dense_dropout:
         features = keras.layers.Dropout(config.dense_dropout, name="head_dropout")(features)
-    outputs = classification_head(features, num_classes)
-    return keras.Model(inputs, outputs, name="cnn")
+    return classification_head(features, num_classes)
 
 
 def create_model(config: ModelConfig, image_size: tuple[int, int], channels: int, num_classes: int) -> keras.Model:
