@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from imgcls.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,7 +24,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         logger.info("RAY_ADDRESS %s is a Jobs API address; joining the Ray cluster on this machine", address)
         os.environ.pop("RAY_ADDRESS")
         try:
-            ray.init(address="auto", log_to_driver=True)
+            context = ray.init(address="auto", log_to_driver=True)
+            _check_same_dashboard(context.dashboard_url, address)
+        except ConnectionError as error:
+            raise UserError(
+                f"RAY_ADDRESS={address} is the Jobs API of a cluster, and no Ray cluster that a driver can join "
+                f"was found on this machine ({error}). Run the job through `ray job submit` (see README, "
+                "Operations), or set RAY_ADDRESS to the cluster's GCS address (host:port, `ray status` shows it)."
+            ) from None
         finally:
             os.environ["RAY_ADDRESS"] = address
     elif address:
@@ -40,6 +49,19 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             _node_ip_address="127.0.0.1",
             log_to_driver=True,
         )
+
+
+def _check_same_dashboard(dashboard_url: str | None, jobs_address: str) -> None:
+    """`auto` joins whichever Ray this machine runs; make sure it is the one RAY_ADDRESS names."""
+    from urllib.parse import urlparse
+
+    import ray
+
+    wanted = urlparse(jobs_address).port or 8265
+    joined = urlparse(f"http://{dashboard_url}").port if dashboard_url else None
+    if joined != wanted:
+        ray.shutdown()
+        raise ConnectionError(f"the Ray cluster found here serves its dashboard on port {joined}, not {wanted}")
 
 
 def _dashboard_port(preferred: int = 8265) -> int:

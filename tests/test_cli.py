@@ -44,3 +44,21 @@ def test_predict_bad_override_exits_2(tmp_path):
 
 def test_usage_errors_exit_2():
     assert run_job("train").returncode == 2
+
+
+def test_a_jobs_api_address_never_joins_another_cluster(ray_session, pattern_dataset, tmp_path):
+    """RAY_ADDRESS=http://... means "the cluster serving that Jobs API on this machine". The suite's
+    own Ray is the one found here, on another port: the job must refuse it, not run on it."""
+    import os
+
+    from conftest import free_port
+
+    model = tmp_path / "no-model-needed"
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--config", "/dev/null",
+         "--set", f"data.train={pattern_dataset}", "--set", f"output_dir={model}"],
+        capture_output=True, text=True, timeout=180,
+        env={**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "RAY_AUTH_MODE": "token"},
+    )  # fmt: skip
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert "is the Jobs API of a cluster" in completed.stderr and "Traceback" not in completed.stderr
