@@ -537,7 +537,9 @@ def _write_skipped(output_dir: storage.Location, skipped: list[dict[str, str]]) 
     storage.write_parquet_atomic(output_dir.join("skipped_images.parquet"), table)
 
 
-def _prepare_data(config: JobConfig):
+def _prepare_data(config: JobConfig, before_decoding=None):
+    """List and split the labelled images, call `before_decoding(class_names)` (cheap checks that
+    should fail before minutes of decoding), then decode both splits."""
     from imgcls import data
 
     endpoint_url = config.storage.endpoint_url
@@ -569,6 +571,8 @@ def _prepare_data(config: JobConfig):
         endpoint_url=endpoint_url,
         num_cpus=data_task_cpus(config),
     )
+    if before_decoding is not None:
+        before_decoding(images.class_names)
     train_split = data.prepare_split(train_images, split_name="train", **settings)
     empty = [name for name, count in train_split.class_counts.items() if count == 0]
     if train_split.num_rows == 0:
@@ -606,7 +610,14 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
     _check_resumable(output_dir, config)
     storage.write_text_atomic(output_dir.join("config.yaml"), config_to_yaml(config))
-    class_names, train_split, val_split = _prepare_data(config)
+    initial: dict[str, Any] = {}
+
+    def load_starting_weights(class_names: list[str]) -> None:
+        # Before decoding: a missing weights file or an offline ImageNet download fails in seconds.
+        initial["weights"] = prepare_initial_weights(config, class_names)
+
+    class_names, train_split, val_split = _prepare_data(config, before_decoding=load_starting_weights)
+    initial_weights = initial["weights"]
     skipped = train_split.skipped + (val_split.skipped if val_split else [])
     _write_skipped(output_dir, skipped)
 
@@ -635,7 +646,6 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
             f"train.early_stopping.monitor is '{config.train.early_stopping.monitor}' but there is no validation "
             "set: set data.val or data.val_fraction > 0, or monitor 'loss'."
         )
-    initial_weights = prepare_initial_weights(config, class_names)
     resources_per_worker: dict[str, float] = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources_per_worker["GPU"] = plan.gpus_per_worker
