@@ -537,9 +537,8 @@ def _write_skipped(output_dir: storage.Location, skipped: list[dict[str, str]]) 
     storage.write_parquet_atomic(output_dir.join("skipped_images.parquet"), table)
 
 
-def _prepare_data(config: JobConfig, before_decoding=None):
-    """List and split the labelled images, call `before_decoding(class_names)` (cheap checks that
-    should fail before minutes of decoding), then decode both splits."""
+def _list_data(config: JobConfig):
+    """List and split the labelled images (cheap): returns class names, train and val listings."""
     from imgcls import data
 
     endpoint_url = config.storage.endpoint_url
@@ -562,17 +561,22 @@ def _prepare_data(config: JobConfig, before_decoding=None):
         config.data.train,
         images.ignored,
     )
+    return images.class_names, train_images, val_images
+
+
+def _decode_data(config: JobConfig, train_images, val_images):
+    """Decode both splits into the object store; fail when a class has nothing readable."""
+    from imgcls import data
+
     settings = dict(
         image_size=tuple(config.data.image_size),
         channels=config.data.channels,
         max_pixels=config.data.max_image_pixels,
         decode_batch_size=config.data.decode_batch_size,
         seed=config.seed,
-        endpoint_url=endpoint_url,
+        endpoint_url=config.storage.endpoint_url,
         num_cpus=data_task_cpus(config),
     )
-    if before_decoding is not None:
-        before_decoding(images.class_names)
     train_split = data.prepare_split(train_images, split_name="train", **settings)
     empty = [name for name, count in train_split.class_counts.items() if count == 0]
     if train_split.num_rows == 0:
@@ -583,7 +587,7 @@ def _prepare_data(config: JobConfig, before_decoding=None):
             "add images or remove those class folders."
         )
     val_split = data.prepare_split(val_images, split_name="val", **settings) if val_images else None
-    return images.class_names, train_split, val_split
+    return train_split, val_split
 
 
 def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: bool = True) -> TrainResult:
@@ -610,14 +614,10 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
     _check_resumable(output_dir, config)
     storage.write_text_atomic(output_dir.join("config.yaml"), config_to_yaml(config))
-    initial: dict[str, Any] = {}
-
-    def load_starting_weights(class_names: list[str]) -> None:
-        # Before decoding: a missing weights file or an offline ImageNet download fails in seconds.
-        initial["weights"] = prepare_initial_weights(config, class_names)
-
-    class_names, train_split, val_split = _prepare_data(config, before_decoding=load_starting_weights)
-    initial_weights = initial["weights"]
+    class_names, train_images, val_images = _list_data(config)
+    # Before decoding: a missing weights file or an offline ImageNet download fails in seconds.
+    initial_weights = prepare_initial_weights(config, class_names)
+    train_split, val_split = _decode_data(config, train_images, val_images)
     skipped = train_split.skipped + (val_split.skipped if val_split else [])
     _write_skipped(output_dir, skipped)
 

@@ -78,10 +78,13 @@ def plan_tuning(config: JobConfig, cluster_cpus: float) -> TuningPlan:
         cpus_per_worker = min(1.0, (share - data_cpus - TRIAL_DRIVER_CPUS) / workers)
     reserved = concurrent * (workers * cpus_per_worker + TRIAL_DRIVER_CPUS)
     if concurrent < 1 or cpus_per_worker < MIN_CPUS_PER_WORKER or data_cpus < 0.25 or cluster_cpus - reserved < 1 - 1e-9:
-        most = max(1, int((cluster_cpus - 1) // (workers * MIN_CPUS_PER_WORKER + TRIAL_DRIVER_CPUS)))
+        # Bounded by the smallest workers beside one whole CPU left free, and by a data share of at
+        # least a quarter CPU (half of each trial's share of at least half a CPU).
+        most = max(1, min(int((cluster_cpus - 1) // (workers * MIN_CPUS_PER_WORKER + TRIAL_DRIVER_CPUS)),
+                          int(cluster_cpus * 2)))  # fmt: skip
         raise ResourcePlanError(
             f"{concurrent or settings.max_concurrent_trials} concurrent trial(s) of {workers} worker(s) do not fit "
-            f"a {cluster_cpus:g}-CPU cluster with CPU left for Ray Data. Use at most {min(most, int(cluster_cpus * 2))} "
+            f"a {cluster_cpus:g}-CPU cluster with CPU left for Ray Data. Use at most {most} "
             "concurrent trials (tune.max_concurrent_trials), lower scaling.cpus_per_worker, or add CPUs."
         )
     return TuningPlan(
@@ -290,11 +293,10 @@ def run(config: JobConfig) -> TuneResult:
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
     experiment = output_dir.join(EXPERIMENT_NAME)
     filesystem = None if output_dir.is_local else output_dir.filesystem
-    experiment_path = experiment.path
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=filesystem):
+    if tune.Tuner.can_restore(experiment.path, storage_filesystem=filesystem):
         logger.info("found an earlier search in %s: resuming it (finished trials are kept)", experiment.uri)
         tuner = tune.Tuner.restore(
-            experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+            experiment.path, trainable=trainable, resume_unfinished=True, resume_errored=True,
             storage_filesystem=filesystem,
         )  # fmt: skip
     else:

@@ -90,12 +90,10 @@ def ray_session(s3_endpoint):
     """A real 2-CPU Ray on loopback, started once for the whole suite."""
     import ray
 
-    # With the dashboard (loopback, a free port): Ray Train's placement-group cleaner uses its state
-    # API, and Tune trials stopped early would otherwise leak their workers' CPUs.
-    ray.init(
-        num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
-        _node_ip_address="127.0.0.1", log_to_driver=True,
-    )  # fmt: skip
+    from imgcls.ray_runtime import ensure_ray
+
+    # The jobs' own local Ray (loopback, token auth, dashboard for Ray Train's placement-group cleaner).
+    ensure_ray(num_cpus=2)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
