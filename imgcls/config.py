@@ -416,7 +416,7 @@ class PredictConfig(StrictModel):
         description="Rows whose top score is below this get label 'unknown' (their top-k is kept). Unset: off.",
     )
     rows_per_file: int | None = Field(
-        default=None, gt=0, description="Upper bound on rows per Parquet file (bounds file sizes). Unset: Ray's default."
+        default=None, gt=0, description="Upper bound on rows per Parquet file (bounds file sizes). Unset: 1,000,000."
     )
     partition_by: Literal["run_date"] | None = Field(
         default=None, description="run_date: write each run under `run_date=YYYY-MM-DD/` (UTC) partitions."

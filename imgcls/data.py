@@ -255,16 +255,19 @@ def decode_batch(
     return output
 
 
-def paths_table(paths: list[str], label_indices: np.ndarray | None = None) -> list[pa.Table]:
+def paths_table(
+    paths: list[str], label_indices: np.ndarray | None = None, rows_per_block: int = ROWS_PER_BLOCK
+) -> list[pa.Table]:
     """Split path rows into several Arrow tables so Ray Data can decode them in parallel."""
     tables = []
-    for start in range(0, len(paths), ROWS_PER_BLOCK):
+    for start in range(0, len(paths), rows_per_block):
+        stop = min(start + rows_per_block, len(paths))
         columns: dict[str, Any] = {
-            "path": pa.array(paths[start : start + ROWS_PER_BLOCK], pa.string()),
-            "row": pa.array(np.arange(start, min(start + ROWS_PER_BLOCK, len(paths))), pa.int64()),
+            "path": pa.array(paths[start:stop], pa.string()),
+            "row": pa.array(np.arange(start, stop), pa.int64()),
         }
         if label_indices is not None:
-            columns["label"] = pa.array(label_indices[start : start + ROWS_PER_BLOCK], pa.int32())
+            columns["label"] = pa.array(label_indices[start:stop], pa.int32())
         tables.append(pa.table(columns))
     return tables
 
@@ -278,11 +281,12 @@ def decoded_dataset(
     decode_batch_size: int,
     endpoint_url: str | None = None,
     num_cpus: float | None = None,
+    rows_per_block: int = ROWS_PER_BLOCK,
 ):
-    """A lazy Ray Dataset of path (+label), image and error columns."""
+    """A lazy Ray Dataset of path (+label), image and error columns; one decode task per block."""
     import ray.data
 
-    dataset = ray.data.from_arrow(paths_table(paths, label_indices))
+    dataset = ray.data.from_arrow(paths_table(paths, label_indices, rows_per_block))
     resources = {"num_cpus": num_cpus} if num_cpus is not None else {}
     return dataset.map_batches(
         decode_batch,

@@ -17,8 +17,9 @@ import json
 import logging
 import uuid
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterable
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from imgcls import storage
@@ -82,6 +83,52 @@ def done_paths(output: storage.Location, model_version: str) -> set[str]:
     dataset = pads.dataset(files, filesystem=output.filesystem, format="parquet")
     table = dataset.to_table(columns=["path"], filter=pc.field("model_version") == model_version)
     return set(table.column("path").to_pylist())
+
+
+def write_staged_files(
+    tables: Iterable[pa.Table], staging: storage.Location, schema: pa.Schema, rows_per_file: int
+) -> int:
+    """Stream Arrow tables into `part-NNNNN.parquet` files of at most `rows_per_file` rows under the
+    run's staging folder, holding one table at a time; returns the number of rows written.
+
+    The job's driver writes the (small) prediction rows itself: Ray Data's Write operator runs a
+    task per block, and on a busy node each of those tasks started a new worker process (measured:
+    20 processes and 48 CPU-seconds for 20,000 images on 2 cores)."""
+    import pyarrow.parquet as pq
+
+    if staging.is_local:
+        staging.filesystem.create_dir(staging.path, recursive=True)
+    writer: pq.ParquetWriter | None = None
+    stream = None
+    files = rows_in_file = total = 0
+
+    def close() -> None:
+        nonlocal writer, stream
+        if writer is not None:
+            writer.close()
+            stream.close()
+        writer = stream = None
+
+    try:
+        for table in tables:
+            table = table.cast(schema)
+            offset = 0
+            while offset < table.num_rows:
+                if writer is None:
+                    stream = staging.filesystem.open_output_stream(staging.join(f"part-{files:05d}.parquet").path)
+                    writer = pq.ParquetWriter(stream, schema)
+                    files += 1
+                    rows_in_file = 0
+                take = min(rows_per_file - rows_in_file, table.num_rows - offset)
+                writer.write_table(table.slice(offset, take))
+                offset += take
+                rows_in_file += take
+                total += take
+                if rows_in_file == rows_per_file:
+                    close()
+    finally:
+        close()
+    return total
 
 
 def commit(output: storage.Location, staging: storage.Location, run_id: str, partition: str | None) -> list[str]:

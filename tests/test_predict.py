@@ -3,6 +3,7 @@
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
@@ -97,3 +98,32 @@ def test_empty_input_folder_is_a_data_error(trained_one_worker, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="No images found"):
         predict.run(PredictConfig(model=result.artifact_uri, input=str(tmp_path / "empty"), output=str(tmp_path / "o")))
+
+
+def test_block_rows_grow_with_the_input_but_keep_every_decode_slot_busy():
+    assert predict.block_rows(20, decode_slots=2) == predict.MIN_BLOCK_ROWS
+    assert predict.block_rows(2000, decode_slots=2) == 256  # 8 blocks: 4 per decode slot
+    assert predict.block_rows(6000, decode_slots=2) == 750
+    assert predict.block_rows(20000, decode_slots=2) == predict.MAX_BLOCK_ROWS
+    assert predict.block_rows(20000, decode_slots=0) == predict.MAX_BLOCK_ROWS
+
+
+def test_staged_files_hold_at_most_rows_per_file_and_every_row_once(tmp_path):
+    from imgcls import output_runs, storage
+
+    def batch(start: int, count: int) -> pa.Table:
+        paths = [f"/images/{index}.png" for index in range(start, start + count)]
+        return pa.table({"path": paths, "label": ["a"] * count, "score": pa.array([0.5] * count, pa.float64()),
+                         "top_k_labels": [["a"]] * count, "top_k_scores": [[0.5]] * count,
+                         "model_version": ["v1"] * count, "error": [None] * count})  # fmt: skip
+
+    staging = storage.resolve(str(tmp_path / "staging"))
+    written = output_runs.write_staged_files(
+        iter([batch(0, 7), batch(7, 0), batch(7, 5)]), staging, PREDICTION_SCHEMA, rows_per_file=4
+    )
+    files = sorted((tmp_path / "staging").glob("*.parquet"))
+    assert written == 12 and [path.name for path in files] == [f"part-{index:05d}.parquet" for index in range(3)]
+    assert [pads.dataset(str(path)).count_rows() for path in files] == [4, 4, 4]
+    table = pads.dataset(str(tmp_path / "staging"), format="parquet").to_table()
+    assert table.schema.equals(PREDICTION_SCHEMA)  # score cast from float64 to the schema's float32
+    assert sorted(table.column("path").to_pylist()) == sorted(f"/images/{index}.png" for index in range(12))
