@@ -20,12 +20,14 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -153,6 +155,31 @@ def imgcls_run(folder: Path, artifact: str, name: str) -> dict[str, float]:
             "seconds": seconds, "peak_rss_bytes": max(peak)}  # fmt: skip
 
 
+def imgcls_job(folder: Path, artifact: str, name: str) -> float:
+    """imgcls as a nightly job runs it: `python jobs/predict.py` joining the running cluster."""
+    import ray
+
+    output = WORK / f"out_job_{name}"
+    shutil.rmtree(output, ignore_errors=True)
+    wait_until_idle()
+    environment = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    command = [sys.executable, str(REPOSITORY / "jobs" / "predict.py"), "--model", artifact, "--input", str(folder),
+               "--output", str(output)]  # fmt: skip
+    started = time.perf_counter()
+    subprocess.run(command, env=environment, check=True, capture_output=True)
+    return len(list(folder.glob("*.jpg"))) / (time.perf_counter() - started)
+
+
+def baseline_job(kind: str, paths: list[str], artifact: str) -> float:
+    """A baseline as its own job: a fresh Python process, imports and model load included."""
+    paths_file = WORK / "baseline_paths.txt"
+    paths_file.write_text("\n".join(paths))
+    command = [sys.executable, __file__, "--baseline", kind, "--paths-file", str(paths_file), "--artifact", artifact]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True)
+    return len(paths) / (time.perf_counter() - started)
+
+
 def linked_subset(all_paths: list[str], name: str, count: int) -> tuple[Path, list[str]]:
     folder = WORK / name
     if not folder.exists() or len(list(folder.glob("*.jpg"))) != count:
@@ -169,7 +196,14 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=20000)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--baseline", choices=["hand_loop", "tf_data"], help=argparse.SUPPRESS)
+    parser.add_argument("--paths-file", help=argparse.SUPPRESS)
+    parser.add_argument("--artifact", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
+    if arguments.baseline:  # one baseline as its own process (see baseline_job)
+        paths = Path(arguments.paths_file).read_text().split("\n")
+        {"hand_loop": hand_loop, "tf_data": tf_data_pipeline}[arguments.baseline](paths, arguments.artifact)
+        return
     import logging
 
     from imgcls.logging_setup import configure_logging
@@ -196,6 +230,12 @@ def main() -> None:
         rate = entry["imgcls"]["images_per_second"]
         entry["imgcls_vs_hand_loop"] = round(rate / entry["hand_loop_images_per_second"], 3)
         entry["imgcls_vs_tf_data"] = round(rate / entry["tf_data_images_per_second"], 3)
+        jobs = {"imgcls": imgcls_job(folder, artifact, size),
+                "hand_loop": baseline_job("hand_loop", paths, artifact),
+                "tf_data": baseline_job("tf_data", paths, artifact)}  # fmt: skip
+        jobs["imgcls_vs_hand_loop"] = round(jobs["imgcls"] / jobs["hand_loop"], 3)
+        jobs["imgcls_vs_tf_data"] = round(jobs["imgcls"] / jobs["tf_data"], 3)
+        entry["as_separate_jobs_images_per_second"] = jobs
         results[size] = entry
     small_run, large_run = results["small"]["imgcls"], results["large"]["imgcls"]
     results["imgcls_steady_state_images_per_second"] = round(
@@ -211,6 +251,11 @@ def main() -> None:
               f"{entry['hand_loop_images_per_second']:15.0f}  {entry['tf_data_images_per_second']:13.0f}  "
               f"{entry['imgcls_vs_hand_loop']:11.2f}x  {entry['imgcls_vs_tf_data']:9.2f}x  "
               f"{entry['imgcls']['peak_rss_bytes'] / 2**20:12.0f}")  # fmt: skip
+    print("as separate jobs (each a fresh process: imports, Ray connection, model load included):")
+    for size in sizes:
+        jobs = results[size]["as_separate_jobs_images_per_second"]
+        print(f"{results[size]['images']:6d}  {jobs['imgcls']:12.0f}  {jobs['hand_loop']:15.0f}  {jobs['tf_data']:13.0f}  "
+              f"{jobs['imgcls_vs_hand_loop']:11.2f}x  {jobs['imgcls_vs_tf_data']:9.2f}x")  # fmt: skip
     print(f"imgcls start-up (64 images): {results['imgcls_start_up_seconds']:.1f} s; steady state "
           f"{results['imgcls_steady_state_images_per_second']:.0f} images/s; peak RSS large/small "
           f"{results['large_vs_small_peak_rss']:.2f}x")
