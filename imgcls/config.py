@@ -405,6 +405,12 @@ class PredictConfig(StrictModel):
     num_actors: int | None = Field(
         default=None, gt=0, description="Model actors in the pool. Unset: cluster CPUs minus one, at least one."
     )
+    max_actors: int | None = Field(
+        default=None,
+        gt=0,
+        description="Let the pool grow from num_actors up to this many actors while they are busy and the "
+        "cluster has room (an autoscaling pool). Unset: a fixed pool of num_actors.",
+    )
     use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
     max_image_pixels: int = Field(
         default=89_478_485, gt=0, description="Larger images are refused as possible decompression bombs."
@@ -432,7 +438,13 @@ class PredictConfig(StrictModel):
     def _paths_differ(self) -> "PredictConfig":
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ValueError("output must differ from input, or predictions would be mixed with the images")
+        _check_pool_bounds(self.num_actors, self.max_actors)
         return self
+
+
+def _check_pool_bounds(num_actors: int | None, max_actors: int | None) -> None:
+    if num_actors is not None and max_actors is not None and max_actors < num_actors:
+        raise ValueError(f"max_actors ({max_actors}) must be at least num_actors ({num_actors}), the pool's minimum")
 
 
 class EvaluateConfig(StrictModel):
@@ -447,9 +459,15 @@ class EvaluateConfig(StrictModel):
     batch_size: int = Field(default=64, gt=0, description="Images per model call in each actor.")
     decode_batch_size: int = Field(default=64, gt=0, description="Images decoded per Ray Data task batch.")
     num_actors: int | None = Field(default=None, gt=0, description="Model actors; unset: cluster CPUs minus one.")
+    max_actors: int | None = Field(default=None, gt=0, description="Autoscaling pool: up to this many actors.")
     use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
     max_image_pixels: int = Field(default=89_478_485, gt=0, description="Larger images are refused as bombs.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "EvaluateConfig":
+        _check_pool_bounds(self.num_actors, self.max_actors)
+        return self
 
 
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:

@@ -253,11 +253,17 @@ def prediction_dataset(
     endpoint_url = config.storage.endpoint_url
     ensure_ray()
     totals = free_resources()
-    plan = plan_prediction(config.num_actors, config.use_gpu, totals["CPU"], totals["GPU"])
+    plan = plan_prediction(config.num_actors, config.use_gpu, totals["CPU"], totals["GPU"], config.max_actors)
     logger.info(
-        "classifying with %d model actor(s) x %g CPU%s; decoding in parallel tasks",
-        plan.num_actors, plan.cpus_per_actor, ", 1 GPU" if plan.gpus_per_actor else "",
+        "classifying with %s model actor(s) x %g CPU%s; decoding in parallel tasks",
+        f"{plan.num_actors}-{plan.max_actors}" if plan.autoscaling else plan.num_actors,
+        plan.cpus_per_actor, ", 1 GPU" if plan.gpus_per_actor else "",
     )  # fmt: skip
+    pool = (
+        ray.data.ActorPoolStrategy(min_size=plan.num_actors, max_size=plan.max_actors)
+        if plan.autoscaling
+        else ray.data.ActorPoolStrategy(size=plan.num_actors)
+    )
     decode_slots = (totals["CPU"] - plan.num_actors * plan.cpus_per_actor) / DECODE_TASK_CPUS
     rows_per_block = block_rows(len(paths), decode_slots)
     decoded = decoded_dataset(
@@ -280,7 +286,7 @@ def prediction_dataset(
         # A whole decoded block per call (fewer Arrow conversions); the model still sees batch_size.
         batch_size=rows_per_block,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
+        compute=pool,
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
     )

@@ -71,25 +71,37 @@ def plan_training(scaling: ScalingConfig, cluster_cpus: float, cluster_gpus: flo
 
 
 class PredictionPlan(BaseModel):
-    num_actors: int
+    num_actors: int  # the pool's size, or its minimum when it autoscales
+    max_actors: int  # equal to num_actors for a fixed pool
     cpus_per_actor: float
     gpus_per_actor: float
 
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_actors > self.num_actors
 
-def plan_prediction(num_actors: int | None, use_gpu: bool, cluster_cpus: float, cluster_gpus: float) -> PredictionPlan:
+
+def plan_prediction(
+    num_actors: int | None, use_gpu: bool, cluster_cpus: float, cluster_gpus: float, max_actors: int | None = None
+) -> PredictionPlan:
+    """The minimum pool must fit the cluster now; actors up to `max_actors` start only when the cluster
+    has room for them (an autoscaling cluster adds nodes for them), each with the same resources."""
+    default = max(1, int(cluster_gpus)) if use_gpu else max(1, int(cluster_cpus - 1))
+    actors = num_actors or (min(default, max_actors) if max_actors else default)
+    if max_actors is not None and max_actors < actors:
+        raise ResourcePlanError(f"max_actors ({max_actors}) must be at least num_actors ({actors}).")
+    pool = {"num_actors": actors, "max_actors": max_actors or actors}
     if use_gpu:
-        actors = num_actors or max(1, int(cluster_gpus))
         if cluster_gpus < actors:
             raise ResourcePlanError(
                 f"use_gpu asks for {actors} model actor(s) with one GPU each, but the Ray cluster has "
                 f"{cluster_gpus:g} GPU(s). Lower num_actors or drop use_gpu."
             )
-        return PredictionPlan(num_actors=actors, cpus_per_actor=min(1.0, cluster_cpus / (2 * actors)), gpus_per_actor=1)
-    actors = num_actors or max(1, int(cluster_cpus - 1))
+        return PredictionPlan(**pool, cpus_per_actor=min(1.0, cluster_cpus / (2 * actors)), gpus_per_actor=1)
     cpus_per_actor = min(1.0, (cluster_cpus - MIN_DATA_CPUS) / actors)
     if cpus_per_actor < MIN_CPUS_PER_WORKER:
         raise ResourcePlanError(
             f"{actors} model actor(s) need at least {MIN_CPUS_PER_WORKER:g} CPU each plus {MIN_DATA_CPUS:g} CPU for "
             f"decoding, but the Ray cluster has {cluster_cpus:g} CPUs. Lower --set num_actors=N or add CPUs."
         )
-    return PredictionPlan(num_actors=actors, cpus_per_actor=round(cpus_per_actor, 4), gpus_per_actor=0)
+    return PredictionPlan(**pool, cpus_per_actor=round(cpus_per_actor, 4), gpus_per_actor=0)

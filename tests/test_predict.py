@@ -28,7 +28,11 @@ def prediction_input(pattern_holdout, tmp_path_factory):
 def predictions(trained_one_worker, prediction_input, tmp_path_factory):
     result, _ = trained_one_worker
     output = tmp_path_factory.mktemp("predictions") / "out"
-    summary = predict.run(PredictConfig(model=result.artifact_uri, input=str(prediction_input), output=str(output)))
+    # An autoscaling pool (1 to 2 actors); the nightly, S3 and evaluate tests run the fixed default.
+    config = PredictConfig(
+        model=result.artifact_uri, input=str(prediction_input), output=str(output), num_actors=1, max_actors=2
+    )
+    summary = predict.run(config)
     table = pads.dataset(str(output), format="parquet").to_table()
     return summary, table, result
 

@@ -66,3 +66,24 @@ def test_impossible_plan_exits_2_quickly_through_the_job(ray_session, pattern_da
     assert "scaling.num_workers=16" in completed.stderr and "2 CPUs" in completed.stderr
     assert "Traceback" not in completed.stderr
     assert elapsed < 60
+
+
+def test_an_autoscaling_prediction_pool_starts_at_its_minimum():
+    fixed = plan_prediction(None, False, cluster_cpus=4, cluster_gpus=0)
+    assert (fixed.num_actors, fixed.max_actors, fixed.autoscaling) == (3, 3, False)
+    growing = plan_prediction(1, False, cluster_cpus=4, cluster_gpus=0, max_actors=8)
+    assert (growing.num_actors, growing.max_actors, growing.autoscaling) == (1, 8, True)
+    assert growing.cpus_per_actor == 1.0
+    capped = plan_prediction(None, False, cluster_cpus=8, cluster_gpus=0, max_actors=2)
+    assert (capped.num_actors, capped.max_actors) == (2, 2)
+    gpus = plan_prediction(None, True, cluster_cpus=8, cluster_gpus=1, max_actors=4)
+    assert (gpus.num_actors, gpus.max_actors, gpus.gpus_per_actor) == (1, 4, 1)
+    with pytest.raises(ResourcePlanError, match="at least num_actors"):
+        plan_prediction(3, False, cluster_cpus=8, cluster_gpus=0, max_actors=2)
+
+
+def test_pool_bounds_are_checked_in_the_config():
+    from imgcls.config import PredictConfig
+
+    with pytest.raises(ValueError, match="max_actors \\(1\\) must be at least num_actors \\(2\\)"):
+        PredictConfig(model="m", input="i", output="o", num_actors=2, max_actors=1)
