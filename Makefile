@@ -11,9 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# --no-compile: byte-compiling all of TensorFlow and Ray costs about a minute of CPU; Python
-	# compiles (and caches) only the modules that are imported.
-	$(BIN)/python -m pip install --quiet --progress-bar off --no-compile -e '.[dev,plots]'
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[dev,plots]'
 	touch $(STAMP)
 
 data: $(STAMP)
