@@ -85,11 +85,16 @@ def done_paths(output: storage.Location, model_version: str) -> set[str]:
     return set(table.column("path").to_pylist())
 
 
+# Rows per Parquet row group: the actor pool hands back a block (about 1,000 rows) at a time, and a
+# row group per block would leave readers a thousand tiny groups in a large file.
+ROW_GROUP_ROWS = 65_536
+
+
 def write_staged_files(
     tables: Iterable[pa.Table], staging: storage.Location, schema: pa.Schema, rows_per_file: int
 ) -> int:
     """Stream Arrow tables into `part-NNNNN.parquet` files of at most `rows_per_file` rows under the
-    run's staging folder, holding one table at a time; returns the number of rows written.
+    run's staging folder, holding at most one row group in memory; returns the number of rows written.
 
     The job's driver writes the (small) prediction rows itself: Ray Data's Write operator runs a
     task per block, and on a busy node each of those tasks started a new worker process (measured:
@@ -101,10 +106,23 @@ def write_staged_files(
     writer: pq.ParquetWriter | None = None
     stream = None
     files = rows_in_file = total = 0
+    pending: list[pa.Table] = []
+
+    def open_file() -> None:
+        nonlocal writer, stream, files
+        stream = staging.filesystem.open_output_stream(staging.join(f"part-{files:05d}.parquet").path)
+        writer = pq.ParquetWriter(stream, schema)
+        files += 1
+
+    def flush() -> None:
+        if pending:
+            writer.write_table(pa.concat_tables(pending))
+            pending.clear()
 
     def close() -> None:
         nonlocal writer, stream
         if writer is not None:
+            flush()
             writer.close()
             stream.close()
         writer = stream = None
@@ -115,17 +133,17 @@ def write_staged_files(
             offset = 0
             while offset < table.num_rows:
                 if writer is None:
-                    stream = staging.filesystem.open_output_stream(staging.join(f"part-{files:05d}.parquet").path)
-                    writer = pq.ParquetWriter(stream, schema)
-                    files += 1
+                    open_file()  # at once, not at the first flush: the file shows the run is under way
                     rows_in_file = 0
                 take = min(rows_per_file - rows_in_file, table.num_rows - offset)
-                writer.write_table(table.slice(offset, take))
+                pending.append(table.slice(offset, take))
                 offset += take
                 rows_in_file += take
                 total += take
                 if rows_in_file == rows_per_file:
                     close()
+                elif sum(part.num_rows for part in pending) >= ROW_GROUP_ROWS:
+                    flush()
     finally:
         close()
     return total

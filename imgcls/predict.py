@@ -30,7 +30,8 @@ MAX_BLOCK_ROWS = 1024
 
 UNKNOWN_LABEL = "unknown"
 
-# About 50-100 MB of Parquet: large enough for readers, small enough to retry a copy.
+# Tens of MB of Parquet (the bench's rows take 24 bytes each): large enough for readers, small
+# enough to retry a copy.
 DEFAULT_ROWS_PER_FILE = 1_000_000
 
 PREDICTION_SCHEMA = pa.schema(

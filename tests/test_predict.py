@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from imgcls import predict
@@ -128,6 +129,7 @@ def test_staged_files_hold_at_most_rows_per_file_and_every_row_once(tmp_path):
     files = sorted((tmp_path / "staging").glob("*.parquet"))
     assert written == 12 and [path.name for path in files] == [f"part-{index:05d}.parquet" for index in range(3)]
     assert [pads.dataset(str(path)).count_rows() for path in files] == [4, 4, 4]
+    assert pq.ParquetFile(files[1]).metadata.num_row_groups == 1  # rows 4-7 came from two tables
     table = pads.dataset(str(tmp_path / "staging"), format="parquet").to_table()
     assert table.schema.equals(PREDICTION_SCHEMA)  # score cast from float64 to the schema's float32
     assert sorted(table.column("path").to_pylist()) == sorted(f"/images/{index}.png" for index in range(12))
