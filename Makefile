@@ -11,7 +11,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[dev,plots]'
+	# pip byte-compiles every installed file on one core; these machines set PYTHONDONTWRITEBYTECODE,
+	# so that is the only bytecode cache there is. compileall does the same on every core.
+	$(BIN)/python -m pip install --quiet --progress-bar off --no-compile -e '.[dev,plots]'
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib
 	touch $(STAMP)
 
 data: $(STAMP)
