@@ -412,6 +412,13 @@ class PredictConfig(StrictModel):
         "cluster has room (an autoscaling pool). Unset: a fixed pool of num_actors.",
     )
     use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
+    pool_min_images: int = Field(
+        default=5_000,
+        ge=0,
+        description="Runs with fewer images to classify run the model in the job's own process (decoding still "
+        "in parallel Ray tasks): an actor pool takes 6-8 s to start on 2 cores, longer than such a run. 0: always "
+        "a pool. use_gpu, num_actors or max_actors always use a pool.",
+    )
     max_image_pixels: int = Field(
         default=89_478_485, gt=0, description="Larger images are refused as possible decompression bombs."
     )
@@ -461,6 +468,9 @@ class EvaluateConfig(StrictModel):
     num_actors: int | None = Field(default=None, gt=0, description="Model actors; unset: cluster CPUs minus one.")
     max_actors: int | None = Field(default=None, gt=0, description="Autoscaling pool: up to this many actors.")
     use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
+    pool_min_images: int = Field(
+        default=5_000, ge=0, description="Fewer images: the model runs in the job's own process (see predict). 0: always a pool."
+    )
     max_image_pixels: int = Field(default=89_478_485, gt=0, description="Larger images are refused as bombs.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 

@@ -87,7 +87,7 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     from imgcls.data import list_labelled
     from imgcls.metrics import classification_report
     from imgcls.plots import confusion_matrix_heatmap, reliability_diagram
-    from imgcls.predict import prediction_dataset
+    from imgcls.predict import prediction_batches
 
     started = time.perf_counter()
     endpoint_url = config.storage.endpoint_url
@@ -103,8 +103,7 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     true_by_path = {path: class_names.index(label) for path, label in zip(images.paths, images.labels)}
     logger.info("evaluating model %s on %d labelled images from %s", metadata.model_version, len(images.paths), config.data)
     # Every class's probability (top-k over all classes), for top-k accuracy and calibration.
-    predictions = prediction_dataset(config, metadata, images.paths, top_k=len(class_names))
-    table = pa.concat_tables(list(predictions.iter_batches(batch_format="pyarrow", batch_size=None)))
+    table = pa.concat_tables(list(prediction_batches(config, metadata, images.paths, top_k=len(class_names))))
     if table.num_rows != len(images.paths):
         raise RuntimeError(f"got {table.num_rows} predictions for {len(images.paths)} images")
     errored = table.filter(pa.compute.is_valid(table.column("error")))

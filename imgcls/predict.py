@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
 
@@ -18,9 +20,12 @@ from imgcls.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-# Decode tasks ask for less than a model actor's CPU: the differing resources also keep Ray Data from
-# fusing decoding into the actors, so decoding runs in parallel tasks beside them.
+# Decode tasks beside a model actor pool ask for less than an actor's CPU: the differing resources
+# also keep Ray Data from fusing decoding into the actors, so decoding runs in parallel tasks beside them.
 DECODE_TASK_CPUS = 0.5
+# With the model in the driver, a decode task per CPU: half-CPU tasks need twice the worker processes,
+# and starting them cost more than they gained (2,000 images on 2 cores: 430-480 against 780-940 images/s).
+DRIVER_DECODE_TASK_CPUS = 1.0
 
 # Rows per decode task: big blocks for big inputs (fewer tasks, less scheduling and Ray overhead;
 # 256 -> 1,024 rows took 20,000 images from 581 to 686 images/s on 2 cores), but at least about
@@ -85,7 +90,11 @@ class Predictor:
         endpoint_url: str | None = None,
         min_score: float | None = None,
         cpu_threads: int | None = None,
+        lean_import: bool = False,
     ):
+        from imgcls.tensorflow_import import import_for_inference
+
+        import_for_inference(lean=lean_import)
         if cpu_threads is not None:
             _limit_tensorflow_threads(cpu_threads)
         from imgcls.artifact import load_artifact
@@ -192,6 +201,7 @@ def run(config: PredictConfig) -> PredictSummary:
         "run_id": run_id, "status": "running", "input": config.input, "output": output.uri,
         "model": config.model, "model_version": metadata.model_version, "overwrite": config.overwrite,
         "images_listed": len(listing.paths), "already_done": len(listing.paths) - len(todo),
+        "model_placement": "driver" if model_in_driver(len(todo), config) else "actor_pool",
         "started": output_runs.now(),
     }  # fmt: skip
     output_runs.write_run_record(output, run_id, record)
@@ -240,23 +250,89 @@ def run(config: PredictConfig) -> PredictSummary:
     return summary
 
 
-def prediction_dataset(
+def model_in_driver(num_images: int, config: PredictConfig | EvaluateConfig) -> bool:
+    """Whether to run the model in this process instead of an actor pool: for CPU runs of fewer than
+    `pool_min_images` images, unless a pool was asked for by size. A pool pays a fixed start-up (a
+    worker process, TensorFlow's import and the model load in it: 6-8 s of a 2,000-image run on
+    2 cores) that outlasts a small run's work; here TensorFlow's import overlaps with joining Ray
+    and decoding instead. Larger runs, and GPUs, get the pool."""
+    pool_asked_for = config.use_gpu or config.num_actors is not None or config.max_actors is not None
+    return not pool_asked_for and num_images < config.pool_min_images
+
+
+def prediction_batches(
     config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None = None
-):
-    """The streaming pipeline shared by predict and evaluate: decode in parallel Ray Data tasks, then
-    the model in an actor pool sized by the resource plan. Returns a lazy dataset of prediction rows."""
+) -> Iterator[pa.Table]:
+    """The streaming pipeline shared by predict and evaluate, as Arrow tables of prediction rows:
+    decoding in parallel Ray Data tasks, then the model in an actor pool sized by the resource plan,
+    or in this process for small runs (see `model_in_driver`)."""
+    if model_in_driver(len(paths), config):
+        return _batches_in_driver(config, metadata, paths, top_k, min_score)
+    predictions = _pool_dataset(config, metadata, paths, top_k, min_score)
+    return predictions.iter_batches(batch_size=None, batch_format="pyarrow")
+
+
+def _predictor_arguments(config: PredictConfig | EvaluateConfig, top_k: int, min_score: float | None) -> dict:
+    endpoint_url = config.storage.endpoint_url
+    return {
+        "model_uri": storage.resolve(config.model, endpoint_url).uri,
+        "top_k": top_k,
+        "batch_size": config.batch_size,
+        "endpoint_url": endpoint_url,
+        "min_score": min_score,
+    }
+
+
+def _decoded(config: PredictConfig | EvaluateConfig, metadata, paths: list[str], task_cpus: float, rows_per_block: int):
+    from imgcls.data import decoded_dataset
+
+    decoded = decoded_dataset(
+        paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
+        config.decode_batch_size, config.storage.endpoint_url, num_cpus=task_cpus, rows_per_block=rows_per_block,
+    )  # fmt: skip
+    # Ray Data's default reserves half the CPUs in equal shares per operator, which held decoding to
+    # one task beside an actor that mostly waits (20,000 images: 574 images/s without, 467 with).
+    decoded.context.op_resource_reservation_enabled = False
+    return decoded
+
+
+def _batches_in_driver(
+    config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None
+) -> Iterator[pa.Table]:
+    from imgcls.ray_runtime import ensure_ray, free_resources
+    from imgcls.resources import MIN_DATA_CPUS
+    from imgcls.tensorflow_import import process_is_ours
+
+    ensure_ray()
+    free_cpus = max(MIN_DATA_CPUS, free_resources()["CPU"])
+    logger.info(
+        "classifying %d images with the model in this process (fewer than pool_min_images=%d, so no actor "
+        "pool to start); decoding in parallel tasks", len(paths), config.pool_min_images,
+    )  # fmt: skip
+    task_cpus = min(DRIVER_DECODE_TASK_CPUS, free_cpus)
+    decoded = _decoded(config, metadata, paths, task_cpus, block_rows(len(paths), free_cpus / task_cpus))
+    # TensorFlow's import and the model load run on their own thread while decoding starts; the first
+    # decoded block waits for the model. Started only now: an import holds the GIL most of the time,
+    # and joining Ray and importing Ray Data beside it slowed a 2,000-image job from 9.6-10.8 s to 10.7-12.2 s.
+    loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgcls-model-load")
+    loading = loader.submit(Predictor, **_predictor_arguments(config, top_k, min_score), lean_import=process_is_ours())
+    loader.shutdown(wait=False)
+    for block in decoded.iter_batches(batch_size=None, batch_format="numpy"):
+        yield loading.result()(block)
+
+
+def _pool_dataset(config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None):
+    """Prediction rows from the model in a Ray Data actor pool, as a lazy dataset."""
     import ray.data
 
-    from imgcls.data import decoded_dataset
     from imgcls.ray_runtime import ensure_ray, free_resources
     from imgcls.resources import plan_prediction
 
-    endpoint_url = config.storage.endpoint_url
     ensure_ray()
     totals = free_resources()
     plan = plan_prediction(config.num_actors, config.use_gpu, totals["CPU"], totals["GPU"], config.max_actors)
     logger.info(
-        "classifying with %s model actor(s) x %g CPU%s; decoding in parallel tasks",
+        "classifying %d images with %s model actor(s) x %g CPU%s; decoding in parallel tasks", len(paths),
         f"{plan.num_actors}-{plan.max_actors}" if plan.autoscaling else plan.num_actors,
         plan.cpus_per_actor, ", 1 GPU" if plan.gpus_per_actor else "",
     )  # fmt: skip
@@ -267,22 +343,13 @@ def prediction_dataset(
     )
     decode_slots = (totals["CPU"] - plan.num_actors * plan.cpus_per_actor) / DECODE_TASK_CPUS
     rows_per_block = block_rows(len(paths), decode_slots)
-    decoded = decoded_dataset(
-        paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
-        config.decode_batch_size, endpoint_url, num_cpus=DECODE_TASK_CPUS, rows_per_block=rows_per_block,
-    )  # fmt: skip
-    # Ray Data's default reserves half the CPUs in equal shares per operator, which held decoding to
-    # one task beside an actor that mostly waits (20,000 images: 574 images/s without, 467 with).
-    decoded.context.op_resource_reservation_enabled = False
+    decoded = _decoded(config, metadata, paths, DECODE_TASK_CPUS, rows_per_block)
     return decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={
-            "model_uri": storage.resolve(config.model, endpoint_url).uri,
-            "top_k": top_k,
-            "batch_size": config.batch_size,
-            "endpoint_url": endpoint_url,
-            "min_score": min_score,
+            **_predictor_arguments(config, top_k, min_score),
             "cpu_threads": None if plan.gpus_per_actor else max(1, round(plan.cpus_per_actor)),
+            "lean_import": True,  # an actor's process is ours
         },
         # A whole decoded block per call (fewer Arrow conversions); the model still sees batch_size.
         batch_size=rows_per_block,
@@ -297,12 +364,12 @@ def _classify(config: PredictConfig, metadata, paths: list[str], output, run_id:
     """Run the streaming pipeline for `paths` into the run's staging folder, then commit it."""
     from imgcls import output_runs
 
-    predictions = prediction_dataset(
+    predictions = prediction_batches(
         config, metadata, paths, config.top_k or min(5, len(metadata.class_names)), config.min_score
     )
     staging = output.join(output_runs.STAGING, run_id)
     output_runs.write_staged_files(
-        predictions.iter_batches(batch_size=None, batch_format="pyarrow"),
+        predictions,
         staging,
         PREDICTION_SCHEMA,
         config.rows_per_file or DEFAULT_ROWS_PER_FILE,

@@ -9,7 +9,7 @@ from pathlib import Path
 # Make the package importable from a checkout or a `ray job submit --working-dir` upload.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imgcls.cli import main  # noqa: E402
+from imgcls.cli import process_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["predict", *sys.argv[1:]]))
+    sys.exit(process_main(["predict", *sys.argv[1:]]))

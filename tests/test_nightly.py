@@ -59,6 +59,9 @@ def test_reruns_classify_only_new_images_and_overwrite_replaces(trained_one_work
     assert [record["status"] for record in records] == ["succeeded"] * 4
     assert [record["already_done"] for record in records] == [0, 20, 20, 0]
     assert all(record["model_version"] == result.model_version and record["finished"] for record in records)
+    assert {record["model_placement"] for record in records if record["images_listed"] > record["already_done"]} == {
+        "driver"
+    }
 
 
 def test_min_score_partitions_and_rows_per_file(trained_one_worker, images, tmp_path):
@@ -84,6 +87,8 @@ def test_a_killed_run_leaves_nothing_visible_and_the_rerun_completes(ray_session
     output = tmp_path / "out"
     command = [sys.executable, str(REPO_ROOT / "jobs" / "predict.py"), "--model", result.artifact_uri,
                "--input", str(images), "--output", str(output), "--batch-size", "16", "--set", "decode_batch_size=16"]  # fmt: skip
+    # The killed run has an actor pool; the rerun, the default for 3,000 images, the model in its driver.
+    pooled = [*command, "--set", "pool_min_images=0"]
     environment = {**os.environ, "RAY_ADDRESS": ray_session}
     seen: list[int] = []
     stop = threading.Event()
@@ -98,7 +103,7 @@ def test_a_killed_run_leaves_nothing_visible_and_the_rerun_completes(ray_session
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    killed = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(pooled, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list((output / "_staging").glob("*/*.parquet")):  # mid-run: part of the results staged
         assert time.monotonic() < deadline and killed.poll() is None, "the run never staged any file"
@@ -112,8 +117,11 @@ def test_a_killed_run_leaves_nothing_visible_and_the_rerun_completes(ray_session
     stop.set()
     poller.join(timeout=10)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "3000 images listed, 0 already done, 3000 classified, 0 errored" in rerun.stdout, rerun.stdout[-3000:]
     table = rows(output)
     assert len(table) == 3000 and len({row["path"] for row in table}) == 3000
     assert set(seen) <= {0, 3000}, f"a reader saw a partial run: {sorted(set(seen))}"
-    assert [record["status"] for record in run_records(output)] == ["abandoned", "succeeded"]
+    records = run_records(output)
+    assert [record["status"] for record in records] == ["abandoned", "succeeded"]
+    assert [record["model_placement"] for record in records] == ["actor_pool", "driver"]
     assert not (output / "_staging").exists()

@@ -1,5 +1,6 @@
-"""Bulk prediction through a real Ray Data actor pool into Parquet."""
+"""Bulk prediction through a real Ray Data actor pool into Parquet, and with the model in the driver."""
 
+import json
 import shutil
 
 import numpy as np
@@ -29,7 +30,8 @@ def prediction_input(pattern_holdout, tmp_path_factory):
 def predictions(trained_one_worker, prediction_input, tmp_path_factory):
     result, _ = trained_one_worker
     output = tmp_path_factory.mktemp("predictions") / "out"
-    # An autoscaling pool (1 to 2 actors); the nightly, S3 and evaluate tests run the fixed default.
+    # An autoscaling pool (1 to 2 actors). The nightly and evaluate tests run with the model in the
+    # driver (the default for small runs); the S3 test runs both.
     config = PredictConfig(
         model=result.artifact_uri, input=str(prediction_input), output=str(output), num_actors=1, max_actors=2
     )
@@ -83,6 +85,35 @@ def test_scores_match_the_artifact_model_on_the_same_pixels(predictions):
         expected = {"vertical": probability, "horizontal": 1 - probability}
         assert vertical_index == 1
         assert row["score"] == pytest.approx(expected[row["label"]], abs=1e-5)
+
+
+def test_the_model_in_the_driver_gives_the_pools_rows(predictions, prediction_input, tmp_path):
+    pooled_summary, pooled, result = predictions
+    output = tmp_path / "driver"
+    summary = predict.run(PredictConfig(model=result.artifact_uri, input=str(prediction_input), output=str(output)))
+    table = pads.dataset(str(output), format="parquet").to_table()
+    assert (summary.classified, summary.errored) == (pooled_summary.classified, pooled_summary.errored) == (20, 1)
+    by_path = {row["path"]: row for row in pooled.to_pylist()}
+    assert sorted(by_path) == sorted(table.column("path").to_pylist())
+    for row in table.to_pylist():
+        twin = by_path[row["path"]]
+        assert (row["label"], row["top_k_labels"], row["error"]) == (twin["label"], twin["top_k_labels"], twin["error"])
+        if row["error"] is None:
+            assert row["score"] == pytest.approx(twin["score"], abs=1e-5)
+    records = [json.loads(path.read_text()) for path in (output / "_runs").glob("*.json")]
+    assert [record["model_placement"] for record in records] == ["driver"]
+
+
+def test_small_cpu_runs_put_the_model_in_the_driver_unless_a_pool_is_asked_for():
+    def config(**settings) -> PredictConfig:
+        return PredictConfig(model="m", input="in", output="out", **settings)
+
+    assert predict.model_in_driver(4_999, config())
+    assert not predict.model_in_driver(5_000, config())
+    assert not predict.model_in_driver(10, config(pool_min_images=0))
+    assert predict.model_in_driver(50_000, config(pool_min_images=100_000))
+    for pool in ({"use_gpu": True}, {"num_actors": 1}, {"max_actors": 3}):
+        assert not predict.model_in_driver(10, config(**pool)), pool
 
 
 def test_predictor_top_k_is_capped_by_the_number_of_classes(trained_one_worker):
