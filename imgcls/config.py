@@ -416,7 +416,7 @@ class PredictConfig(StrictModel):
         default=5_000,
         ge=0,
         description="Runs with fewer images to classify run the model in the job's own process (decoding still "
-        "in parallel Ray tasks): an actor pool takes 6-8 s to start on 2 cores, longer than such a run. 0: always "
+        "in parallel Ray tasks): an actor pool takes 5-8 s to start on 2 cores, longer than such a run. 0: always "
         "a pool. use_gpu, num_actors or max_actors always use a pool.",
     )
     max_image_pixels: int = Field(

@@ -253,7 +253,7 @@ def run(config: PredictConfig) -> PredictSummary:
 def model_in_driver(num_images: int, config: PredictConfig | EvaluateConfig) -> bool:
     """Whether to run the model in this process instead of an actor pool: for CPU runs of fewer than
     `pool_min_images` images, unless a pool was asked for by size. A pool pays a fixed start-up (a
-    worker process, TensorFlow's import and the model load in it: 6-8 s of a 2,000-image run on
+    worker process, TensorFlow's import and the model load in it: 5-8 s of a 2,000-image run on
     2 cores) that outlasts a small run's work; here TensorFlow's import overlaps with joining Ray
     and decoding instead. Larger runs, and GPUs, get the pool."""
     pool_asked_for = config.use_gpu or config.num_actors is not None or config.max_actors is not None

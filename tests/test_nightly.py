@@ -125,3 +125,13 @@ def test_a_killed_run_leaves_nothing_visible_and_the_rerun_completes(ray_session
     assert [record["status"] for record in records] == ["abandoned", "succeeded"]
     assert [record["model_placement"] for record in records] == ["actor_pool", "driver"]
     assert not (output / "_staging").exists()
+
+
+def test_run_ids_sort_in_the_order_runs_started():
+    from imgcls.output_runs import new_run_id
+
+    ids = []
+    for _ in range(5):
+        ids.append(new_run_id())
+        time.sleep(0.002)  # small reruns now finish within a second of each other
+    assert ids == sorted(ids) and len(set(ids)) == 5
