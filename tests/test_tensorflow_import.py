@@ -1,5 +1,6 @@
 """TensorFlow imported for inference without Keras' optional extras, and only in processes imgcls owns."""
 
+import os
 import subprocess
 import sys
 
@@ -40,7 +41,22 @@ def test_a_plain_import_hides_nothing():
     assert "after import: ['matplotlib', 'sklearn']" in run_probe("plain")
 
 
-def test_only_the_command_line_claims_its_process():
+def test_only_a_command_line_process_is_claimed_and_its_fast_exit_keeps_code_and_output():
     from imgcls import tensorflow_import
 
-    assert tensorflow_import.process_is_ours() is False  # this test process is pytest's, not a job's
+    assert tensorflow_import.process_is_ours() is False  # pytest's process, not a job's
+    # process_main claims the process, runs the job, then leaves with os._exit: the exit code and
+    # output still buffered in a pipe (no flush here) must survive.
+    job = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from imgcls import cli, tensorflow_import\n"
+        "cli.main = lambda argv: print('claimed', tensorflow_import.process_is_ours(), argv) or 3\n"
+        "cli.process_main(['predict'])\n"
+        "print('never reached')\n"
+    )
+    buffered = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    completed = subprocess.run(
+        [sys.executable, "-c", job, str(REPO_ROOT)], env=buffered, capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 3, completed.stderr[-3000:]
+    assert completed.stdout == "claimed True ['predict']\n"
