@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -14,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
-from imgcls import storage
+from imgcls import errors, storage
 from imgcls.config import EvaluateConfig, PredictConfig
-from imgcls.errors import DataError
+from imgcls.errors import DataError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -268,8 +269,35 @@ def prediction_batches(
     or in this process for small runs (see `model_in_driver`)."""
     if model_in_driver(len(paths), config):
         return _batches_in_driver(config, metadata, paths, top_k, min_score)
-    predictions = _pool_dataset(config, metadata, paths, top_k, min_score)
-    return predictions.iter_batches(batch_size=None, batch_format="pyarrow")
+    return _batches_from_pool(_pool_dataset(config, metadata, paths, top_k, min_score))
+
+
+def _batches_from_pool(predictions) -> Iterator[pa.Table]:
+    import ray.exceptions
+
+    try:
+        yield from predictions.iter_batches(batch_size=None, batch_format="pyarrow")
+    except ray.exceptions.RayError as error:
+        user_error = user_error_in(error)
+        if user_error is None:
+            raise
+        raise user_error from None
+
+
+# How a traceback's last line names one of our errors, e.g. "imgcls.errors.UserError: No model.keras ...".
+_USER_ERROR_LINE = re.compile(r"^imgcls\.errors\.(UserError|ConfigError|DataError|ResourcePlanError): (.+)$", re.MULTILINE)
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """The user's error inside a Ray error, if that is what it is. A model actor that fails to start
+    (a broken artifact, a missing weights file) reaches the driver as an ActorDiedError that keeps
+    only the text of the actor's traceback; recover the message, so the job exits 2 with one line
+    instead of 1 with Ray's stack."""
+    found = _USER_ERROR_LINE.findall(str(error))
+    if not found:
+        return None
+    name, message = found[-1]
+    return getattr(errors, name)(message)
 
 
 def _predictor_arguments(config: PredictConfig | EvaluateConfig, top_k: int, min_score: float | None) -> dict:

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +13,7 @@ import pytest
 from imgcls import predict
 from imgcls.artifact import load_artifact
 from imgcls.config import PredictConfig
-from imgcls.errors import DataError
+from imgcls.errors import DataError, UserError
 from imgcls.images import decode_image
 from imgcls.predict import PREDICTION_SCHEMA
 
@@ -114,6 +115,20 @@ def test_small_cpu_runs_put_the_model_in_the_driver_unless_a_pool_is_asked_for()
     assert predict.model_in_driver(50_000, config(pool_min_images=100_000))
     for pool in ({"use_gpu": True}, {"num_actors": 1}, {"max_actors": 3}):
         assert not predict.model_in_driver(10, config(**pool)), pool
+
+
+@pytest.mark.parametrize("pool_min_images", [0, 5_000], ids=["actor_pool", "model_in_driver"])
+def test_an_artifact_without_its_model_file_is_a_user_error(trained_one_worker, prediction_input, tmp_path, pool_min_images):
+    # In a pool the error is raised in a model actor and reaches the driver as Ray's ActorDiedError.
+    result, _ = trained_one_worker
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(Path(result.artifact_uri) / "metadata.json", broken)
+    config = PredictConfig(
+        model=str(broken), input=str(prediction_input), output=str(tmp_path / "out"), pool_min_images=pool_min_images
+    )
+    with pytest.raises(UserError, match="^No model.keras in the artifact at "):
+        predict.run(config)
 
 
 def test_predictor_top_k_is_capped_by_the_number_of_classes(trained_one_worker):
