@@ -285,7 +285,7 @@ def _batches_from_pool(predictions) -> Iterator[pa.Table]:
 
 
 # How a traceback's last line names one of our errors, e.g. "imgcls.errors.UserError: No model.keras ...".
-_USER_ERROR_LINE = re.compile(r"^imgcls\.errors\.(UserError|ConfigError|DataError|ResourcePlanError): (.+)$", re.MULTILINE)
+_ERROR_LINE = re.compile(rf"^{re.escape(errors.__name__)}\.(\w+): (.+)$", re.MULTILINE)
 
 
 def user_error_in(error: BaseException) -> UserError | None:
@@ -293,11 +293,11 @@ def user_error_in(error: BaseException) -> UserError | None:
     (a broken artifact, a missing weights file) reaches the driver as an ActorDiedError that keeps
     only the text of the actor's traceback; recover the message, so the job exits 2 with one line
     instead of 1 with Ray's stack."""
-    found = _USER_ERROR_LINE.findall(str(error))
-    if not found:
-        return None
-    name, message = found[-1]
-    return getattr(errors, name)(message)
+    for name, message in reversed(_ERROR_LINE.findall(str(error))):
+        kind = getattr(errors, name, None)
+        if isinstance(kind, type) and issubclass(kind, UserError):
+            return kind(message)
+    return None
 
 
 def _predictor_arguments(config: PredictConfig | EvaluateConfig, top_k: int, min_score: float | None) -> dict:
