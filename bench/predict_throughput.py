@@ -257,15 +257,16 @@ def main() -> None:
         def median(name: str):
             return median_run([entry[name] for entry in rounds])
 
-        entry = {"images": len(paths), "repeats": repeats, "imgcls": median("imgcls"),
+        def imgcls_median(name: str) -> dict:
+            # Memory: the lowest peak of the rounds (the conservative side of the large/small ratio).
+            runs = [entry[name] for entry in rounds]
+            return {**median_run(runs), "peak_rss_bytes": min(run["peak_rss_bytes"] for run in runs)}
+
+        entry = {"images": len(paths), "repeats": repeats, "imgcls": imgcls_median("imgcls"),
                  "hand_loop_images_per_second": median("hand_loop"), "tf_data_images_per_second": median("tf_data"),
                  "all_rounds": rounds}  # fmt: skip
-        # Memory: the lowest peak of the small runs (the conservative side of the large/small ratio).
-        entry["imgcls"] = {**entry["imgcls"], "peak_rss_bytes": min(run["imgcls"]["peak_rss_bytes"] for run in rounds)}
         if size == "small":
-            pooled = [run["imgcls_actor_pool"] for run in rounds]
-            entry["imgcls_actor_pool"] = {**median("imgcls_actor_pool"),
-                                          "peak_rss_bytes": min(run["peak_rss_bytes"] for run in pooled)}  # fmt: skip
+            entry["imgcls_actor_pool"] = imgcls_median("imgcls_actor_pool")
         rate = entry["imgcls"]["images_per_second"]
         entry["imgcls_vs_hand_loop"] = round(rate / entry["hand_loop_images_per_second"], 3)
         entry["imgcls_vs_tf_data"] = round(rate / entry["tf_data_images_per_second"], 3)
