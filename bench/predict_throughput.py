@@ -5,16 +5,15 @@ at two sizes (2k and 20k images by default), plus peak memory (RSS summed over t
 Ray process) of imgcls at both sizes.
 
 Ray is started before the clock starts, as on a running cluster, and every imgcls run waits until
-the cluster is idle again. imgcls runs with its defaults: below pool_min_images (5,000) the model
-runs in the job's process, above it in an actor pool whose times include starting the pool and
-loading the model (TensorFlow's import in each fresh actor process). For the record, 2k is also run
-with the actor pool forced (pool_min_images=0). The baselines run in this process, where TensorFlow
-is already imported; each contender also runs as its own job (a fresh process). 64-image imgcls runs
-measure the fixed start-up cost of both placements, and the pool's steady-state rate is
+the cluster is idle again. imgcls runs with its defaults: below pool_min_images (5,000) the run stays
+in the job's process (decoding on threads, the model there; no Ray tasks), above it Ray Data decodes
+in tasks and the model runs in an actor pool whose times include starting the pool and loading the
+model (TensorFlow's import in each fresh actor process). For the record, 2k is also run with Ray
+Data and the actor pool forced (pool_min_images=0). The baselines run in this process, where
+TensorFlow is already imported; each contender also runs as its own job (a fresh process). 64-image
+imgcls runs measure the fixed start-up cost of both paths, and the pool's steady-state rate is
 (20k - 2k images) / (time at 20k - time at 2k), both with the pool. The small size runs
-`--small-repeats` times per contender, interleaved, and the median counts. A 2k imgcls run in this
-process depends on whether Ray still has its decode worker processes: right after another job or a
-pool run it starts them again (410-650 images/s in the driver), when repeated it does not (800-1,080).
+`--small-repeats` times per contender, interleaved, and the median counts.
 Results: bench/results/predict_throughput.json.
 
 Usage: python bench/predict_throughput.py [--images 2000] [--large 20000] [--width 640 --height 480]
@@ -236,7 +235,7 @@ def main() -> None:
     results: dict = {"jpeg_size": [arguments.width, arguments.height], "cpus": os.cpu_count()}
     imgcls_run(small, artifact, "warmup", pool_min_images=0)  # worker processes and imports, as on a warm cluster
     results["imgcls_start_up_seconds"] = {
-        "model_in_driver": imgcls_run(tiny, artifact, "tiny")["seconds"],
+        "in_process": imgcls_run(tiny, artifact, "tiny")["seconds"],
         "actor_pool": imgcls_run(tiny, artifact, "tiny_pool", pool_min_images=0)["seconds"],
     }
     sizes = {"small": (small, small_paths), "large": (large, large_paths)}
@@ -280,7 +279,7 @@ def main() -> None:
         (large_run["images"] - small_run["images"]) / (large_run["seconds"] - small_run["seconds"]), 1
     )
     # Memory as the input grows, with the same placement (the actor pool at both sizes), and with the
-    # defaults (at 2k the model in the driver, at 20k a pool: one more TensorFlow process).
+    # defaults (at 2k all in the driver, at 20k decode tasks and a pool: more processes).
     results["large_vs_small_peak_rss"] = round(large_run["peak_rss_bytes"] / small_run["peak_rss_bytes"], 3)
     results["large_vs_small_peak_rss_defaults"] = round(
         large_run["peak_rss_bytes"] / results["small"]["imgcls"]["peak_rss_bytes"], 3
@@ -303,7 +302,7 @@ def main() -> None:
     start_up = results["imgcls_start_up_seconds"]
     print(f"{results['small']['images']} images with the actor pool forced: {pool_small['images_per_second']:.0f} "
           f"images/s ({pool_small['images_per_second'] / results['small']['tf_data_images_per_second']:.2f}x tf.data)")
-    print(f"imgcls start-up (64 images): model in the driver {start_up['model_in_driver']:.1f} s, actor pool "
+    print(f"imgcls start-up (64 images): in the job's process {start_up['in_process']:.1f} s, actor pool "
           f"{start_up['actor_pool']:.1f} s; pool steady state {results['imgcls_steady_state_images_per_second']:.0f} "
           f"images/s; peak RSS large/small {results['large_vs_small_peak_rss']:.2f}x with the pool at both "
           f"sizes, {results['large_vs_small_peak_rss_defaults']:.2f}x with the defaults")

@@ -415,9 +415,10 @@ class PredictConfig(StrictModel):
     pool_min_images: int = Field(
         default=5_000,
         ge=0,
-        description="Runs with fewer images to classify run the model in the job's own process (decoding still "
-        "in parallel Ray tasks): an actor pool takes 5-8 s to start on 2 cores, longer than such a run. 0: always "
-        "a pool. use_gpu, num_actors or max_actors always use a pool.",
+        description="Runs with fewer images to classify run in the job's own process (decoding on threads, the "
+        "model in the process; no Ray to start or join): an actor pool takes 5-8 s to start on 2 cores and decode "
+        "tasks 1-2 s more, longer than such a run. 0: always Ray Data and a pool. use_gpu, num_actors or "
+        "max_actors always use a pool.",
     )
     max_image_pixels: int = Field(
         default=89_478_485, gt=0, description="Larger images are refused as possible decompression bombs."
@@ -469,7 +470,7 @@ class EvaluateConfig(StrictModel):
     max_actors: int | None = Field(default=None, gt=0, description="Autoscaling pool: up to this many actors.")
     use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
     pool_min_images: int = Field(
-        default=5_000, ge=0, description="Fewer images: the model runs in the job's own process (see predict). 0: always a pool."
+        default=5_000, ge=0, description="Fewer images: the run stays in the job's own process (see predict). 0: always a pool."
     )
     max_image_pixels: int = Field(default=89_478_485, gt=0, description="Larger images are refused as bombs.")
     storage: StorageConfig = Field(default_factory=StorageConfig)

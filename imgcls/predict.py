@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -24,10 +26,6 @@ logger = logging.getLogger(__name__)
 # Decode tasks beside a model actor pool ask for less than an actor's CPU: the differing resources
 # also keep Ray Data from fusing decoding into the actors, so decoding runs in parallel tasks beside them.
 DECODE_TASK_CPUS = 0.5
-# With the model in the driver, a decode task per CPU: half-CPU tasks need twice the worker processes,
-# and starting them cost more than they gained (2,000 images on 2 cores: 430-480 against 780-940 images/s).
-DRIVER_DECODE_TASK_CPUS = 1.0
-
 # Rows per decode task: big blocks for big inputs (fewer tasks, less scheduling and Ray overhead;
 # 256 -> 1,024 rows took 20,000 images from 581 to 686 images/s on 2 cores), but at least about
 # four blocks per decode slot for small inputs, so every core has work.
@@ -252,11 +250,12 @@ def run(config: PredictConfig) -> PredictSummary:
 
 
 def model_in_driver(num_images: int, config: PredictConfig | EvaluateConfig) -> bool:
-    """Whether to run the model in this process instead of an actor pool: for CPU runs of fewer than
-    `pool_min_images` images, unless a pool was asked for by size. A pool pays a fixed start-up (a
-    worker process, TensorFlow's import and the model load in it: 5-8 s of a 2,000-image run on
-    2 cores) that outlasts a small run's work; here TensorFlow's import overlaps with joining Ray
-    and decoding instead. Larger runs, and GPUs, get the pool."""
+    """Whether to run this classification in this process (decoding on threads, the model here)
+    instead of Ray Data tasks and an actor pool: for CPU runs of fewer than `pool_min_images` images,
+    unless a pool was asked for by size. A pool pays a fixed start-up (a worker process, TensorFlow's
+    import and the model load in it: 5-8 s on 2 cores), and decode tasks in fresh worker processes
+    another 1-2 s, which outlast a small run's work; here TensorFlow's import overlaps with decoding
+    instead. Larger runs, and GPUs, get Ray Data and the pool."""
     pool_asked_for = config.use_gpu or config.num_actors is not None or config.max_actors is not None
     return not pool_asked_for and num_images < config.pool_min_images
 
@@ -266,7 +265,7 @@ def prediction_batches(
 ) -> Iterator[pa.Table]:
     """The streaming pipeline shared by predict and evaluate, as Arrow tables of prediction rows:
     decoding in parallel Ray Data tasks, then the model in an actor pool sized by the resource plan,
-    or in this process for small runs (see `model_in_driver`)."""
+    or all in this process for small runs (see `model_in_driver`)."""
     if model_in_driver(len(paths), config):
         return _batches_in_driver(config, metadata, paths, top_k, min_score)
     return _batches_from_pool(_pool_dataset(config, metadata, paths, top_k, min_score))
@@ -324,29 +323,71 @@ def _decoded(config: PredictConfig | EvaluateConfig, metadata, paths: list[str],
     return decoded
 
 
+# Images per decoded block in a run in this process: small enough that the model starts on the first
+# block within a fraction of a second, large enough that per-block work (Arrow tables) stays small.
+IN_PROCESS_BLOCK_ROWS = 256
+# A small run needs few threads; more would only hold more decoded blocks in memory.
+MAX_DECODE_THREADS = 8
+
+
 def _batches_in_driver(
     config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None
 ) -> Iterator[pa.Table]:
-    from imgcls.ray_runtime import ensure_ray, free_resources
-    from imgcls.resources import MIN_DATA_CPUS
+    """A small run entirely in this process: no Ray worker processes or actors to start (a second or
+    two each on 2 cores, more than the run), so no Ray to join either."""
+    from tqdm import tqdm
+
     from imgcls.tensorflow_import import process_is_ours
 
-    ensure_ray()
-    free_cpus = max(MIN_DATA_CPUS, free_resources()["CPU"])
+    threads = _decode_threads()
     logger.info(
-        "classifying %d images with the model in this process (fewer than pool_min_images=%d, so no actor "
-        "pool to start); decoding in parallel tasks", len(paths), config.pool_min_images,
+        "classifying %d images in this process (fewer than pool_min_images=%d): decoding on %d threads, "
+        "no Ray tasks or actor pool to start", len(paths), config.pool_min_images, threads,
     )  # fmt: skip
-    task_cpus = min(DRIVER_DECODE_TASK_CPUS, free_cpus)
-    decoded = _decoded(config, metadata, paths, task_cpus, block_rows(len(paths), free_cpus / task_cpus))
     # TensorFlow's import and the model load run on their own thread while decoding starts; the first
-    # decoded block waits for the model. Started only now: an import holds the GIL most of the time,
-    # and joining Ray and importing Ray Data beside it slowed a 2,000-image job from 9.6-10.8 s to 10.7-12.2 s.
+    # decoded block waits for the model.
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgcls-model-load")
     loading = loader.submit(Predictor, **_predictor_arguments(config, top_k, min_score), lean_import=process_is_ours())
     loader.shutdown(wait=False)
-    for block in decoded.iter_batches(batch_size=None, batch_format="numpy"):
-        yield loading.result()(block)
+    # A bar on a terminal only (tqdm's default), as Ray Data's bar does for runs with a pool.
+    with tqdm(total=len(paths), unit="img", desc="classifying", disable=None, mininterval=0.5) as progress:
+        for block in decoded_on_threads(config, metadata, paths, threads):
+            table = loading.result()(block)
+            progress.update(table.num_rows)
+            yield table
+
+
+def _decode_threads() -> int:
+    """One decoding thread per CPU this process may use, up to MAX_DECODE_THREADS: Pillow releases
+    the GIL while it decodes and resizes (2 threads decoded 1,950 images/s on 2 cores, 1 thread 1,070)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_DECODE_THREADS, cpus))
+
+
+def decoded_on_threads(
+    config: PredictConfig | EvaluateConfig, metadata, paths: list[str], threads: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Decoded blocks of `paths`, in order, with the columns of the Ray Data decode tasks (path,
+    image, error). At most two blocks more than there are threads are decoded ahead, so memory stays flat."""
+    from imgcls.data import decode_batch
+
+    arguments = {
+        "image_size": tuple(metadata.image_size), "channels": metadata.channels,
+        "max_pixels": config.max_image_pixels, "endpoint_url": config.storage.endpoint_url,
+    }  # fmt: skip
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgcls-decode") as pool:
+        try:
+            for start in range(0, len(paths), IN_PROCESS_BLOCK_ROWS):
+                block = {"path": np.array(paths[start : start + IN_PROCESS_BLOCK_ROWS], dtype=object)}
+                pending.append(pool.submit(decode_batch, block, **arguments))
+                if len(pending) > threads + 1:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early (a failure, a closed generator): drop the blocks not started yet
+            for future in pending:
+                future.cancel()
 
 
 def _pool_dataset(config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None):

@@ -1,7 +1,15 @@
-"""Bulk prediction through a real Ray Data actor pool into Parquet, and with the model in the driver."""
+"""Bulk prediction through a real Ray Data actor pool into Parquet, and small runs in the job's own process."""
 
+import fcntl
 import json
+import os
+import pty
 import shutil
+import struct
+import subprocess
+import sys
+import termios
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +17,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO_ROOT
 
-from imgcls import predict
+from imgcls import data, predict
 from imgcls.artifact import load_artifact
 from imgcls.config import PredictConfig
 from imgcls.errors import DataError, UserError
@@ -115,6 +124,67 @@ def test_small_cpu_runs_put_the_model_in_the_driver_unless_a_pool_is_asked_for()
     assert predict.model_in_driver(50_000, config(pool_min_images=100_000))
     for pool in ({"use_gpu": True}, {"num_actors": 1}, {"max_actors": 3}):
         assert not predict.model_in_driver(10, config(**pool)), pool
+
+
+def test_in_process_decoding_keeps_order_and_reads_ahead_a_bounded_number_of_blocks(
+    trained_one_worker, prediction_input, monkeypatch
+):
+    result, _ = trained_one_worker
+    _, metadata = load_artifact(result.artifact_uri)
+    paths = sorted(str(path) for path in prediction_input.rglob("*.png"))
+    started: list[int] = []
+    decode_batch = data.decode_batch
+
+    def counted(batch, **arguments):
+        started.append(len(batch["path"]))
+        return decode_batch(batch, **arguments)
+
+    monkeypatch.setattr(data, "decode_batch", counted)
+    monkeypatch.setattr(predict, "IN_PROCESS_BLOCK_ROWS", 2)
+    config = PredictConfig(model=result.artifact_uri, input=str(prediction_input), output="unused")
+    blocks = predict.decoded_on_threads(config, metadata, paths, threads=2)
+    first = next(blocks)
+    time.sleep(1.0)  # every block submitted so far has had time to run; none past the bound is submitted
+    assert len(started) == 4  # two threads, two blocks ahead: 8 of the 21 images, not all of them
+    decoded = [first, *blocks]
+    assert sum(started) == 21 and [len(block["path"]) for block in decoded] == [2] * 10 + [1]
+    assert [str(path) for block in decoded for path in block["path"]] == paths
+    for block in decoded:
+        for path, image, error in zip(block["path"], block["image"], block["error"]):
+            if path.endswith("corrupt.png"):
+                assert error != ""
+            else:
+                assert error == ""
+                expected = decode_image(Path(path).read_bytes(), metadata.image_size, metadata.channels, 10**8)
+                np.testing.assert_array_equal(image, expected)
+
+
+def test_a_small_job_shows_a_progress_bar_and_starts_no_ray(trained_one_worker, prediction_input, tmp_path):
+    # On a terminal (a pseudo-terminal here), without RAY_ADDRESS: the run needs no Ray at all.
+    result, _ = trained_one_worker
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, str(REPO_ROOT / "jobs" / "predict.py"), "--model", result.artifact_uri,
+               "--input", str(prediction_input), "--output", str(tmp_path / "out")]  # fmt: skip
+    terminal, job_side = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, which tqdm fills with nothing: give it a real width.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    job = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=job_side, stderr=job_side, env=environment)
+    os.close(job_side)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 65536)
+        except OSError:  # the job closed its side of the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(terminal)
+    assert job.wait(timeout=120) == 0, output.decode(errors="replace")[-3000:]
+    text = output.decode(errors="replace")
+    assert "classifying: 100%" in text and "21/21" in text, text[-3000:]
+    assert "21 images listed, 0 already done, 20 classified, 1 errored" in text
+    assert "Started a local Ray instance" not in text and "joining the Ray cluster" not in text, text[-3000:]
 
 
 @pytest.mark.parametrize("pool_min_images", [0, 5_000], ids=["actor_pool", "model_in_driver"])
