@@ -9,7 +9,7 @@ the cluster is idle again. imgcls runs with its defaults: below pool_min_images 
 in the job's process (decoding on threads, the model there; no Ray tasks), above it Ray Data decodes
 in tasks and the model runs in an actor pool whose times include starting the pool and loading the
 model (TensorFlow's import in each fresh actor process). For the record, 2k is also run with Ray
-Data and the actor pool forced (pool_min_images=0). The baselines run in this process, where
+Data and the actor pool forced (pool_min_images=0), and 20k in the job's process. The baselines run in this process, where
 TensorFlow is already imported; each contender also runs as its own job (a fresh process). 64-image
 imgcls runs measure the fixed start-up cost of both paths, and the pool's steady-state rate is
 (20k - 2k images) / (time at 20k - time at 2k), both with the pool. The small size runs
@@ -248,6 +248,8 @@ def main() -> None:
             rounds.append({"imgcls": imgcls_run(folder, artifact, size),
                            "imgcls_actor_pool": imgcls_run(folder, artifact, size + "_pool", pool_min_images=0)
                            if size == "small" else None,
+                           "imgcls_in_process": imgcls_run(folder, artifact, size + "_in_process", pool_min_images=10**9)
+                           if size == "large" else None,
                            "hand_loop": hand_loop(paths, artifact), "tf_data": tf_data_pipeline(paths, artifact),
                            "job_imgcls": imgcls_job(folder, artifact, size),
                            "job_hand_loop": baseline_job("hand_loop", paths, artifact),
@@ -266,6 +268,8 @@ def main() -> None:
                  "all_rounds": rounds}  # fmt: skip
         if size == "small":
             entry["imgcls_actor_pool"] = imgcls_median("imgcls_actor_pool")
+        else:
+            entry["imgcls_in_process"] = imgcls_median("imgcls_in_process")
         rate = entry["imgcls"]["images_per_second"]
         entry["imgcls_vs_hand_loop"] = round(rate / entry["hand_loop_images_per_second"], 3)
         entry["imgcls_vs_tf_data"] = round(rate / entry["tf_data_images_per_second"], 3)
@@ -283,6 +287,10 @@ def main() -> None:
     results["large_vs_small_peak_rss"] = round(large_run["peak_rss_bytes"] / small_run["peak_rss_bytes"], 3)
     results["large_vs_small_peak_rss_defaults"] = round(
         large_run["peak_rss_bytes"] / results["small"]["imgcls"]["peak_rss_bytes"], 3
+    )
+    # And with the run in the job's process at both sizes (the 2k default, forced at 20k).
+    results["large_vs_small_peak_rss_in_process"] = round(
+        results["large"]["imgcls_in_process"]["peak_rss_bytes"] / results["small"]["imgcls"]["peak_rss_bytes"], 3
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "predict_throughput.json").write_text(json.dumps(results, indent=2))
@@ -302,6 +310,11 @@ def main() -> None:
     start_up = results["imgcls_start_up_seconds"]
     print(f"{results['small']['images']} images with the actor pool forced: {pool_small['images_per_second']:.0f} "
           f"images/s ({pool_small['images_per_second'] / results['small']['tf_data_images_per_second']:.2f}x tf.data)")
+    in_process_large = results["large"]["imgcls_in_process"]
+    print(f"{results['large']['images']} images in the job's process (forced): "
+          f"{in_process_large['images_per_second']:.0f} images/s "
+          f"({in_process_large['images_per_second'] / results['large']['tf_data_images_per_second']:.2f}x tf.data); "
+          f"peak RSS large/small {results['large_vs_small_peak_rss_in_process']:.2f}x in the job's process at both sizes")
     print(f"imgcls start-up (64 images): in the job's process {start_up['in_process']:.1f} s, actor pool "
           f"{start_up['actor_pool']:.1f} s; pool steady state {results['imgcls_steady_state_images_per_second']:.0f} "
           f"images/s; peak RSS large/small {results['large_vs_small_peak_rss']:.2f}x with the pool at both "
