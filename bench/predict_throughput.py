@@ -2,7 +2,7 @@
 (Pillow decode + batched model.predict) and (b) a tf.data pipeline (parallel decode_image +
 model.predict), on the same JPEGs and the same artifact (the tutorial CNN at 64x64x3), in one run,
 at two sizes (2k and 20k images by default), plus peak memory (RSS summed over the driver and every
-Ray process) of imgcls at both sizes.
+Ray process but idle workers) of imgcls at both sizes.
 
 Ray is started before the clock starts, as on a running cluster, and every imgcls run waits until
 the cluster is idle again. imgcls runs with its defaults: below pool_min_images (5,000) the run stays
@@ -112,25 +112,47 @@ def tf_data_pipeline(paths: list[str], artifact: str, batch_size: int = 64) -> f
 
 
 def cluster_rss() -> int:
-    """RSS of this process and every Ray process on the machine, in bytes."""
+    """RSS of this process and every Ray process on the machine, in bytes, except idle Ray workers
+    (`ray::IDLE`): those are left over from earlier runs (Ray keeps up to one per CPU alive), and
+    counting them charged a run in this process with the worker processes of the pool run before it."""
     import psutil
 
     total = 0
     for process in psutil.process_iter(["pid", "cmdline", "memory_info"]):
         command = " ".join(process.info["cmdline"] or [])
+        if command.startswith("ray::IDLE"):
+            continue
         if process.info["pid"] == os.getpid() or "ray" in command:
             total += process.info["memory_info"].rss if process.info["memory_info"] else 0
     return total
 
 
+def busy_ray_workers() -> list[str]:
+    """Worker processes of an imgcls run still working or exiting: Ray titles them after their task or
+    actor (`ray::MapBatches(decode_batch)`, `ray::MapWorker(MapBatches(Predictor))`). Idle workers,
+    Ray's agents and Ray Data's own long-lived actors are not a run's."""
+    import psutil
+
+    busy = []
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or [])
+        if title.startswith("ray::") and ("MapBatches" in title or "MapWorker" in title):
+            busy.append(title.split()[0])
+    return busy
+
+
 def wait_until_idle(timeout: float = 30.0) -> None:
-    """A nightly job starts on an idle cluster: wait for the last run's actors to give back their CPUs."""
+    """A nightly job starts on an idle cluster: wait for the last run's actors to give back their CPUs
+    and for their processes to exit (a model actor that outlived its CPUs counted as the next run's memory)."""
     import ray
 
     deadline = time.monotonic() + timeout
-    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0) - 1e-6:
+    while (
+        ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0) - 1e-6
+        or busy_ray_workers()
+    ):
         if time.monotonic() > deadline:
-            raise RuntimeError("the Ray cluster did not become idle")
+            raise RuntimeError(f"the Ray cluster did not become idle: {busy_ray_workers()}")
         time.sleep(0.2)
     time.sleep(1.0)
 
