@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 # Decode tasks beside a model actor pool ask for less than an actor's CPU: the differing resources
 # also keep Ray Data from fusing decoding into the actors, so decoding runs in parallel tasks beside them.
 DECODE_TASK_CPUS = 0.5
+
 # Rows per decode task: big blocks for big inputs (fewer tasks, less scheduling and Ray overhead;
 # 256 -> 1,024 rows took 20,000 images from 581 to 686 images/s on 2 cores), but at least about
 # four blocks per decode slot for small inputs, so every core has work.
@@ -310,19 +311,6 @@ def _predictor_arguments(config: PredictConfig | EvaluateConfig, top_k: int, min
     }
 
 
-def _decoded(config: PredictConfig | EvaluateConfig, metadata, paths: list[str], task_cpus: float, rows_per_block: int):
-    from imgcls.data import decoded_dataset
-
-    decoded = decoded_dataset(
-        paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
-        config.decode_batch_size, config.storage.endpoint_url, num_cpus=task_cpus, rows_per_block=rows_per_block,
-    )  # fmt: skip
-    # Ray Data's default reserves half the CPUs in equal shares per operator, which held decoding to
-    # one task beside an actor that mostly waits (20,000 images: 574 images/s without, 467 with).
-    decoded.context.op_resource_reservation_enabled = False
-    return decoded
-
-
 # Images per decoded block in a run in this process: small enough that the model starts on the first
 # block within a fraction of a second, large enough that per-block work (Arrow tables) stays small.
 IN_PROCESS_BLOCK_ROWS = 256
@@ -394,6 +382,7 @@ def _pool_dataset(config: PredictConfig | EvaluateConfig, metadata, paths: list[
     """Prediction rows from the model in a Ray Data actor pool, as a lazy dataset."""
     import ray.data
 
+    from imgcls.data import decoded_dataset
     from imgcls.ray_runtime import ensure_ray, free_resources
     from imgcls.resources import plan_prediction
 
@@ -412,7 +401,13 @@ def _pool_dataset(config: PredictConfig | EvaluateConfig, metadata, paths: list[
     )
     decode_slots = (totals["CPU"] - plan.num_actors * plan.cpus_per_actor) / DECODE_TASK_CPUS
     rows_per_block = block_rows(len(paths), decode_slots)
-    decoded = _decoded(config, metadata, paths, DECODE_TASK_CPUS, rows_per_block)
+    decoded = decoded_dataset(
+        paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
+        config.decode_batch_size, config.storage.endpoint_url, num_cpus=DECODE_TASK_CPUS, rows_per_block=rows_per_block,
+    )  # fmt: skip
+    # Ray Data's default reserves half the CPUs in equal shares per operator, which held decoding to
+    # one task beside an actor that mostly waits (20,000 images: 574 images/s without, 467 with).
+    decoded.context.op_resource_reservation_enabled = False
     return decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={
