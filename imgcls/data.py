@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -217,6 +218,9 @@ def _read_each(paths: list[str], endpoint_url: str | None) -> Iterator[bytes | O
 
     def read_one(path: str) -> bytes | OSError:
         try:
+            if os.path.isabs(path):  # listed local files: skip resolving a filesystem per file
+                with open(path, "rb") as handle:
+                    return handle.read()
             return storage.read_object(storage.resolve(path, endpoint_url))
         except OSError as error:
             return error

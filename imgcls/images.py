@@ -58,7 +58,8 @@ def decode_image(data: bytes, image_size: tuple[int, int], channels: int, max_pi
                 image.draft("RGB" if channels == 3 else "L", (width, height))
             image.seek(0)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            # In place: without an orientation tag the default would copy the image for nothing.
+            ImageOps.exif_transpose(image, in_place=True)
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                 image = _to_eight_bit(image)
             if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
@@ -66,7 +67,9 @@ def decode_image(data: bytes, image_size: tuple[int, int], channels: int, max_pi
                 rgba = image.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(background, rgba)
-            image = image.convert("RGB" if channels == 3 else "L")
+            mode = "RGB" if channels == 3 else "L"
+            if image.mode != mode:  # convert() to the same mode would copy
+                image = image.convert(mode)
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
     except ImageDecodeError:
