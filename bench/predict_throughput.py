@@ -5,15 +5,15 @@ at two sizes (2k and 20k images by default), plus peak memory (RSS summed over t
 Ray process but idle workers) of imgcls at both sizes.
 
 Ray is started before the clock starts, as on a running cluster, and every imgcls run waits until
-the cluster is idle again. imgcls runs with its defaults: below pool_min_images (5,000) the run stays
-in the job's process (decoding on threads, the model there; no Ray tasks), above it Ray Data decodes
-in tasks and the model runs in an actor pool whose times include starting the pool and loading the
-model (TensorFlow's import in each fresh actor process). For the record, 2k is also run with Ray
-Data and the actor pool forced (pool_min_images=0), and 20k in the job's process. The baselines run in this process, where
-TensorFlow is already imported; each contender also runs as its own job (a fresh process). 64-image
-imgcls runs measure the fixed start-up cost of both paths, and the pool's steady-state rate is
-(20k - 2k images) / (time at 20k - time at 2k), both with the pool. The small size runs
-`--small-repeats` times per contender, interleaved, and the median counts.
+the cluster is idle again. imgcls runs with its defaults (placement auto): this Ray is one 2-CPU
+machine, so both sizes run in the job's process (decoding on threads, the model there; no Ray tasks);
+at 20k the run holds the cluster's CPUs through Ray. For the record, both sizes also run with Ray
+Data and the actor pool forced (placement actor_pool), whose times include starting the pool and
+loading the model (TensorFlow's import in each fresh actor process). The baselines run in this
+process, where TensorFlow is already imported; each contender also runs as its own job (a fresh
+process joining this Ray). 64-image imgcls runs measure the fixed start-up cost of both paths, and
+the pool's steady-state rate is (20k - 2k images) / (time at 20k - time at 2k), both with the pool.
+The small size runs `--small-repeats` times per contender, interleaved, and the median counts.
 Results: bench/results/predict_throughput.json.
 
 Usage: python bench/predict_throughput.py [--images 2000] [--large 20000] [--width 640 --height 480]
@@ -255,10 +255,10 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     results: dict = {"jpeg_size": [arguments.width, arguments.height], "cpus": os.cpu_count()}
-    imgcls_run(small, artifact, "warmup", pool_min_images=0)  # worker processes and imports, as on a warm cluster
+    imgcls_run(small, artifact, "warmup", placement="actor_pool")  # worker processes and imports, as on a warm cluster
     results["imgcls_start_up_seconds"] = {
         "in_process": imgcls_run(tiny, artifact, "tiny")["seconds"],
-        "actor_pool": imgcls_run(tiny, artifact, "tiny_pool", pool_min_images=0)["seconds"],
+        "actor_pool": imgcls_run(tiny, artifact, "tiny_pool", placement="actor_pool")["seconds"],
     }
     sizes = {"small": (small, small_paths), "large": (large, large_paths)}
     for size, (folder, paths) in sizes.items():
@@ -268,10 +268,7 @@ def main() -> None:
         rounds = []
         for _ in range(repeats):
             rounds.append({"imgcls": imgcls_run(folder, artifact, size),
-                           "imgcls_actor_pool": imgcls_run(folder, artifact, size + "_pool", pool_min_images=0)
-                           if size == "small" else None,
-                           "imgcls_in_process": imgcls_run(folder, artifact, size + "_in_process", pool_min_images=10**9)
-                           if size == "large" else None,
+                           "imgcls_actor_pool": imgcls_run(folder, artifact, size + "_pool", placement="actor_pool"),
                            "hand_loop": hand_loop(paths, artifact), "tf_data": tf_data_pipeline(paths, artifact),
                            "job_imgcls": imgcls_job(folder, artifact, size),
                            "job_hand_loop": baseline_job("hand_loop", paths, artifact),
@@ -288,10 +285,10 @@ def main() -> None:
         entry = {"images": len(paths), "repeats": repeats, "imgcls": imgcls_median("imgcls"),
                  "hand_loop_images_per_second": median("hand_loop"), "tf_data_images_per_second": median("tf_data"),
                  "all_rounds": rounds}  # fmt: skip
-        if size == "small":
-            entry["imgcls_actor_pool"] = imgcls_median("imgcls_actor_pool")
-        else:
-            entry["imgcls_in_process"] = imgcls_median("imgcls_in_process")
+        entry["imgcls_actor_pool"] = imgcls_median("imgcls_actor_pool")
+        entry["imgcls_actor_pool_vs_tf_data"] = round(
+            entry["imgcls_actor_pool"]["images_per_second"] / entry["tf_data_images_per_second"], 3
+        )
         rate = entry["imgcls"]["images_per_second"]
         entry["imgcls_vs_hand_loop"] = round(rate / entry["hand_loop_images_per_second"], 3)
         entry["imgcls_vs_tf_data"] = round(rate / entry["tf_data_images_per_second"], 3)
@@ -300,20 +297,16 @@ def main() -> None:
         jobs["imgcls_vs_tf_data"] = round(jobs["imgcls"] / jobs["tf_data"], 3)
         entry["as_separate_jobs_images_per_second"] = jobs
         results[size] = entry
-    small_run, large_run = results["small"]["imgcls_actor_pool"], results["large"]["imgcls"]
+    small_pool, large_pool = results["small"]["imgcls_actor_pool"], results["large"]["imgcls_actor_pool"]
     results["imgcls_steady_state_images_per_second"] = round(
-        (large_run["images"] - small_run["images"]) / (large_run["seconds"] - small_run["seconds"]), 1
+        (large_pool["images"] - small_pool["images"]) / (large_pool["seconds"] - small_pool["seconds"]), 1
     )
-    # Memory as the input grows, with the same placement (the actor pool at both sizes), and with the
-    # defaults (at 2k all in the driver, at 20k decode tasks and a pool: more processes).
-    results["large_vs_small_peak_rss"] = round(large_run["peak_rss_bytes"] / small_run["peak_rss_bytes"], 3)
-    results["large_vs_small_peak_rss_defaults"] = round(
-        large_run["peak_rss_bytes"] / results["small"]["imgcls"]["peak_rss_bytes"], 3
+    # Memory as the input grows: with the defaults (here both sizes in the job's process), and with
+    # the actor pool at both sizes.
+    results["large_vs_small_peak_rss"] = round(
+        results["large"]["imgcls"]["peak_rss_bytes"] / results["small"]["imgcls"]["peak_rss_bytes"], 3
     )
-    # And with the run in the job's process at both sizes (the 2k default, forced at 20k).
-    results["large_vs_small_peak_rss_in_process"] = round(
-        results["large"]["imgcls_in_process"]["peak_rss_bytes"] / results["small"]["imgcls"]["peak_rss_bytes"], 3
-    )
+    results["large_vs_small_peak_rss_actor_pool"] = round(large_pool["peak_rss_bytes"] / small_pool["peak_rss_bytes"], 3)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "predict_throughput.json").write_text(json.dumps(results, indent=2))
     print("images  imgcls img/s  hand loop img/s  tf.data img/s  vs hand loop  vs tf.data  peak RSS MiB")
@@ -328,19 +321,15 @@ def main() -> None:
         jobs = results[size]["as_separate_jobs_images_per_second"]
         print(f"{results[size]['images']:6d}  {jobs['imgcls']:12.0f}  {jobs['hand_loop']:15.0f}  {jobs['tf_data']:13.0f}  "
               f"{jobs['imgcls_vs_hand_loop']:11.2f}x  {jobs['imgcls_vs_tf_data']:9.2f}x")  # fmt: skip
-    pool_small = results["small"]["imgcls_actor_pool"]
     start_up = results["imgcls_start_up_seconds"]
-    print(f"{results['small']['images']} images with the actor pool forced: {pool_small['images_per_second']:.0f} "
-          f"images/s ({pool_small['images_per_second'] / results['small']['tf_data_images_per_second']:.2f}x tf.data)")
-    in_process_large = results["large"]["imgcls_in_process"]
-    print(f"{results['large']['images']} images in the job's process (forced): "
-          f"{in_process_large['images_per_second']:.0f} images/s "
-          f"({in_process_large['images_per_second'] / results['large']['tf_data_images_per_second']:.2f}x tf.data); "
-          f"peak RSS large/small {results['large_vs_small_peak_rss_in_process']:.2f}x in the job's process at both sizes")
+    for size in sizes:
+        pool = results[size]["imgcls_actor_pool"]
+        print(f"{results[size]['images']} images with the actor pool forced: {pool['images_per_second']:.0f} images/s "
+              f"({results[size]['imgcls_actor_pool_vs_tf_data']:.2f}x tf.data), peak RSS {pool['peak_rss_bytes'] / 2**20:.0f} MiB")
+    print(f"peak RSS large/small: {results['large_vs_small_peak_rss']:.2f}x with the defaults, "
+          f"{results['large_vs_small_peak_rss_actor_pool']:.2f}x with the actor pool at both sizes")
     print(f"imgcls start-up (64 images): in the job's process {start_up['in_process']:.1f} s, actor pool "
-          f"{start_up['actor_pool']:.1f} s; pool steady state {results['imgcls_steady_state_images_per_second']:.0f} "
-          f"images/s; peak RSS large/small {results['large_vs_small_peak_rss']:.2f}x with the pool at both "
-          f"sizes, {results['large_vs_small_peak_rss_defaults']:.2f}x with the defaults")
+          f"{start_up['actor_pool']:.1f} s; pool steady state {results['imgcls_steady_state_images_per_second']:.0f} images/s")
 
 
 if __name__ == "__main__":

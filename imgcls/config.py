@@ -391,6 +391,10 @@ class JobConfig(StrictModel):
         return self
 
 
+# Where bulk classification runs its model (see PredictConfig.placement).
+Placement = Literal["auto", "driver", "actor_pool"]
+
+
 class PredictConfig(StrictModel):
     """Bulk classification settings; CLI flags fill these and `--set` can change any of them."""
 
@@ -412,13 +416,19 @@ class PredictConfig(StrictModel):
         "cluster has room (an autoscaling pool). Unset: a fixed pool of num_actors.",
     )
     use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
+    placement: Placement = Field(
+        default="auto",
+        description="Where the model runs. driver: in the job's own process, decoding on threads (no Ray tasks or "
+        "actors). actor_pool: Ray Data decode tasks and a pool of model actors. auto: a pool when one is sized "
+        "(use_gpu, num_actors, max_actors) or when a run of at least pool_min_images can use more than this "
+        "machine (a Ray cluster of several nodes, or a machine with more than 8 CPUs); otherwise the driver.",
+    )
     pool_min_images: int = Field(
         default=5_000,
         ge=0,
-        description="Runs with fewer images to classify run in the job's own process (decoding on threads, the "
-        "model in the process; no Ray to start or join): an actor pool takes 5-8 s to start on 2 cores and decode "
-        "tasks 1-2 s more, longer than such a run. 0: always Ray Data and a pool. use_gpu, num_actors or "
-        "max_actors always use a pool.",
+        description="With placement auto, runs with fewer images to classify stay in the job's own process "
+        "without looking for a Ray cluster: an actor pool takes 5-8 s to start on 2 cores and decode tasks "
+        "1-2 s more, longer than such a run.",
     )
     max_image_pixels: int = Field(
         default=89_478_485, gt=0, description="Larger images are refused as possible decompression bombs."
@@ -446,13 +456,16 @@ class PredictConfig(StrictModel):
     def _paths_differ(self) -> "PredictConfig":
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ValueError("output must differ from input, or predictions would be mixed with the images")
-        _check_pool_bounds(self.num_actors, self.max_actors)
+        _check_pool_bounds(self.num_actors, self.max_actors, self.use_gpu, self.placement)
         return self
 
 
-def _check_pool_bounds(num_actors: int | None, max_actors: int | None) -> None:
+def _check_pool_bounds(num_actors: int | None, max_actors: int | None, use_gpu: bool, placement: str) -> None:
     if num_actors is not None and max_actors is not None and max_actors < num_actors:
         raise ValueError(f"max_actors ({max_actors}) must be at least num_actors ({num_actors}), the pool's minimum")
+    sized = [name for name, value in (("use_gpu", use_gpu), ("num_actors", num_actors), ("max_actors", max_actors)) if value]
+    if placement == "driver" and sized:
+        raise ValueError(f"{' and '.join(sized)} size an actor pool, and placement driver has none: drop them or use placement auto")
 
 
 class EvaluateConfig(StrictModel):
@@ -469,15 +482,16 @@ class EvaluateConfig(StrictModel):
     num_actors: int | None = Field(default=None, gt=0, description="Model actors; unset: cluster CPUs minus one.")
     max_actors: int | None = Field(default=None, gt=0, description="Autoscaling pool: up to this many actors.")
     use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
+    placement: Placement = Field(default="auto", description="driver, actor_pool or auto (see predict).")
     pool_min_images: int = Field(
-        default=5_000, ge=0, description="Fewer images: the run stays in the job's own process (see predict). 0: always a pool."
+        default=5_000, ge=0, description="With placement auto, fewer images stay in the job's own process (see predict)."
     )
     max_image_pixels: int = Field(default=89_478_485, gt=0, description="Larger images are refused as bombs.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "EvaluateConfig":
-        _check_pool_bounds(self.num_actors, self.max_actors)
+        _check_pool_bounds(self.num_actors, self.max_actors, self.use_gpu, self.placement)
         return self
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import PurePosixPath
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -197,11 +198,12 @@ def run(config: PredictConfig) -> PredictSummary:
     done = set() if config.overwrite else output_runs.done_paths(output, metadata.model_version)
     todo = [path for path in listing.paths if path not in done]
     run_id = output_runs.new_run_id()
+    placement = choose_placement(len(todo), config)
     record = {
         "run_id": run_id, "status": "running", "input": config.input, "output": output.uri,
         "model": config.model, "model_version": metadata.model_version, "overwrite": config.overwrite,
         "images_listed": len(listing.paths), "already_done": len(listing.paths) - len(todo),
-        "model_placement": "driver" if model_in_driver(len(todo), config) else "actor_pool",
+        "model_placement": placement.kind, "placement_reason": placement.reason,
         "started": output_runs.now(),
     }  # fmt: skip
     output_runs.write_run_record(output, run_id, record)
@@ -213,7 +215,7 @@ def run(config: PredictConfig) -> PredictSummary:
     rows = errored = 0
     try:
         if todo:
-            files = _classify(config, metadata, todo, output, run_id)
+            files = _classify(config, metadata, todo, output, run_id, placement)
             rows, errored = _count_rows(files, endpoint_url)
             if rows != len(todo):
                 raise RuntimeError(f"wrote {rows} prediction rows for {len(todo)} images")
@@ -250,26 +252,77 @@ def run(config: PredictConfig) -> PredictSummary:
     return summary
 
 
-def model_in_driver(num_images: int, config: PredictConfig | EvaluateConfig) -> bool:
-    """Whether to run this classification in this process (decoding on threads, the model here)
-    instead of Ray Data tasks and an actor pool: for CPU runs of fewer than `pool_min_images` images,
-    unless a pool was asked for by size. A pool pays a fixed start-up (a worker process, TensorFlow's
-    import and the model load in it: 5-8 s on 2 cores), and decode tasks in fresh worker processes
-    another 1-2 s, which outlast a small run's work; here TensorFlow's import overlaps with decoding
-    instead. Larger runs, and GPUs, get Ray Data and the pool."""
-    pool_asked_for = config.use_gpu or config.num_actors is not None or config.max_actors is not None
-    return not pool_asked_for and num_images < config.pool_min_images
+class ModelPlacement(BaseModel):
+    """Where one run classifies, and why (logged, and kept in the run record)."""
+
+    kind: Literal["driver", "actor_pool"]
+    reason: str
+    # Decoding threads of a run in the driver (0: one per CPU of this machine), and the CPUs of a
+    # joined Ray cluster held for them (0: none held).
+    decode_threads: int = 0
+    reserved_cpus: int = 0
+
+
+def choose_placement(num_images: int, config: PredictConfig | EvaluateConfig) -> ModelPlacement:
+    """Run in this process (decoding on threads, the model here) or in Ray Data decode tasks and a
+    model actor pool. A pool pays a fixed start-up (a worker process, TensorFlow's import and the
+    model load in it: 4-8 s on 2 cores) and moves every image between processes; it earns that back
+    only where it reaches CPUs this process cannot: other nodes, or more cores than its decode
+    threads use. On one 2-CPU machine the process ran 20,000 images as fast as the pool or faster
+    (1,120-1,480 against 930-1,200 images/s) with flat memory. So with `placement: auto`: a pool
+    when one is sized (use_gpu, num_actors, max_actors); small runs in this process without looking
+    for Ray; larger ones in a pool only if the cluster has several nodes or this machine more than
+    MAX_DECODE_THREADS CPUs. A run in this process on a joined cluster holds its CPUs through Ray."""
+    from imgcls import ray_runtime
+
+    if config.placement == "actor_pool":
+        return ModelPlacement(kind="actor_pool", reason="placement actor_pool")
+    if config.placement == "driver":
+        return ModelPlacement(kind="driver", reason="placement driver")
+    sized = [name for name, value in (("use_gpu", config.use_gpu), ("num_actors", config.num_actors),
+                                      ("max_actors", config.max_actors)) if value]  # fmt: skip
+    if sized:
+        return ModelPlacement(kind="actor_pool", reason=f"{' and '.join(sized)} set")
+    if num_images < config.pool_min_images:
+        return ModelPlacement(kind="driver", reason=f"fewer than pool_min_images={config.pool_min_images} images")
+    if not ray_runtime.ray_in_use():
+        cpus = _machine_cpus()
+        if cpus > MAX_DECODE_THREADS:
+            return ModelPlacement(kind="actor_pool", reason=f"this machine has {cpus} CPUs, more than {MAX_DECODE_THREADS} decode threads use")
+        return ModelPlacement(kind="driver", reason=f"no Ray cluster in use; this machine has {cpus} CPUs")
+    ray_runtime.ensure_ray()
+    nodes, node_cpus = ray_runtime.cluster_shape()
+    if nodes > 1:
+        return ModelPlacement(kind="actor_pool", reason=f"the Ray cluster has {nodes} nodes")
+    if node_cpus < 1:  # a driver outside the cluster's node (Ray Client), or a node without CPUs
+        return ModelPlacement(kind="actor_pool", reason="this process is not on a Ray node with CPUs")
+    if node_cpus > MAX_DECODE_THREADS:
+        return ModelPlacement(kind="actor_pool", reason=f"this node has {node_cpus:g} CPUs, more than {MAX_DECODE_THREADS} decode threads use")
+    free = math.floor(ray_runtime.free_resources()["CPU"] + 1e-6)
+    if free < 1:
+        return ModelPlacement(kind="actor_pool", reason="every CPU of the Ray cluster is held: the pool waits its turn")
+    threads = min(free, MAX_DECODE_THREADS)
+    return ModelPlacement(
+        kind="driver", reason=f"the Ray cluster is this machine alone ({node_cpus:g} CPUs)",
+        decode_threads=threads, reserved_cpus=threads,
+    )  # fmt: skip
 
 
 def prediction_batches(
-    config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None = None
+    config: PredictConfig | EvaluateConfig,
+    metadata,
+    paths: list[str],
+    top_k: int,
+    min_score: float | None = None,
+    placement: ModelPlacement | None = None,
 ) -> Iterator[pa.Table]:
     """The streaming pipeline shared by predict and evaluate, as Arrow tables of prediction rows:
     decoding in parallel Ray Data tasks, then the model in an actor pool sized by the resource plan,
-    or all in this process for small runs (see `model_in_driver`)."""
-    if model_in_driver(len(paths), config):
-        return _batches_in_driver(config, metadata, paths, top_k, min_score)
-    return _batches_from_pool(_pool_dataset(config, metadata, paths, top_k, min_score))
+    or all in this process (see `choose_placement`)."""
+    placement = placement or choose_placement(len(paths), config)
+    if placement.kind == "driver":
+        return _batches_in_driver(config, metadata, paths, top_k, min_score, placement)
+    return _batches_from_pool(_pool_dataset(config, metadata, paths, top_k, min_score, placement.reason))
 
 
 def _batches_from_pool(predictions) -> Iterator[pa.Table]:
@@ -314,23 +367,33 @@ def _predictor_arguments(config: PredictConfig | EvaluateConfig, top_k: int, min
 # Images per decoded block in a run in this process: small enough that the model starts on the first
 # block within a fraction of a second, large enough that per-block work (Arrow tables) stays small.
 IN_PROCESS_BLOCK_ROWS = 256
-# A small run needs few threads; more would only hold more decoded blocks in memory.
+# Decoding threads of a run in this process, and the most CPUs a machine may have for large runs to
+# stay here. Part of each image's decode holds the GIL (reading the file, Pillow's header parsing):
+# on 2 cores, 2 threads decoded 1.65-1.95x one thread, 2 processes 2.1x, so threads should stop
+# gaining somewhere past 8; not measured beyond 2 cores.
 MAX_DECODE_THREADS = 8
 
 
 def _batches_in_driver(
-    config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None
+    config: PredictConfig | EvaluateConfig,
+    metadata,
+    paths: list[str],
+    top_k: int,
+    min_score: float | None,
+    placement: ModelPlacement,
 ) -> Iterator[pa.Table]:
-    """A small run entirely in this process: no Ray worker processes or actors to start (a second or
-    two each on 2 cores, more than the run), so no Ray to join either."""
+    """A run entirely in this process: no Ray worker processes or actors to start (a second or two
+    each on 2 cores) and no images to move between processes."""
     from tqdm import tqdm
 
+    from imgcls.ray_runtime import reserved_cpus
     from imgcls.tensorflow_import import process_is_ours
 
-    threads = _decode_threads()
+    threads = placement.decode_threads or _decode_threads()
     logger.info(
-        "classifying %d images in this process (fewer than pool_min_images=%d): decoding on %d threads, "
-        "no Ray tasks or actor pool to start", len(paths), config.pool_min_images, threads,
+        "classifying %d images in this process (%s): decoding on %d threads%s, no Ray tasks or actor pool",
+        len(paths), placement.reason, threads,
+        f", holding {placement.reserved_cpus} CPUs of the Ray cluster" if placement.reserved_cpus else "",
     )  # fmt: skip
     # TensorFlow's import and the model load run on their own thread while decoding starts; the first
     # decoded block waits for the model.
@@ -338,18 +401,24 @@ def _batches_in_driver(
     loading = loader.submit(Predictor, **_predictor_arguments(config, top_k, min_score), lean_import=process_is_ours())
     loader.shutdown(wait=False)
     # A bar on a terminal only (tqdm's default), as Ray Data's bar does for runs with a pool.
-    with tqdm(total=len(paths), unit="img", desc="classifying", disable=None, mininterval=0.5) as progress:
+    with (
+        reserved_cpus(placement.reserved_cpus),
+        tqdm(total=len(paths), unit="img", desc="classifying", disable=None, mininterval=0.5) as progress,
+    ):
         for block in decoded_on_threads(config, metadata, paths, threads):
             table = loading.result()(block)
             progress.update(table.num_rows)
             yield table
 
 
+def _machine_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _decode_threads() -> int:
     """One decoding thread per CPU this process may use, up to MAX_DECODE_THREADS: Pillow releases
     the GIL while it decodes and resizes (2 threads decoded 1,950 images/s on 2 cores, 1 thread 1,070)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_DECODE_THREADS, cpus))
+    return max(1, min(MAX_DECODE_THREADS, _machine_cpus()))
 
 
 def decoded_on_threads(
@@ -378,7 +447,9 @@ def decoded_on_threads(
                 future.cancel()
 
 
-def _pool_dataset(config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None):
+def _pool_dataset(
+    config: PredictConfig | EvaluateConfig, metadata, paths: list[str], top_k: int, min_score: float | None, reason: str
+):
     """Prediction rows from the model in a Ray Data actor pool, as a lazy dataset."""
     import ray.data
 
@@ -390,9 +461,9 @@ def _pool_dataset(config: PredictConfig | EvaluateConfig, metadata, paths: list[
     totals = free_resources()
     plan = plan_prediction(config.num_actors, config.use_gpu, totals["CPU"], totals["GPU"], config.max_actors)
     logger.info(
-        "classifying %d images with %s model actor(s) x %g CPU%s; decoding in parallel tasks", len(paths),
+        "classifying %d images with %s model actor(s) x %g CPU%s (%s); decoding in parallel tasks", len(paths),
         f"{plan.num_actors}-{plan.max_actors}" if plan.autoscaling else plan.num_actors,
-        plan.cpus_per_actor, ", 1 GPU" if plan.gpus_per_actor else "",
+        plan.cpus_per_actor, ", 1 GPU" if plan.gpus_per_actor else "", reason,
     )  # fmt: skip
     pool = (
         ray.data.ActorPoolStrategy(min_size=plan.num_actors, max_size=plan.max_actors)
@@ -424,12 +495,12 @@ def _pool_dataset(config: PredictConfig | EvaluateConfig, metadata, paths: list[
     )
 
 
-def _classify(config: PredictConfig, metadata, paths: list[str], output, run_id: str) -> list[str]:
+def _classify(config: PredictConfig, metadata, paths: list[str], output, run_id: str, placement: ModelPlacement) -> list[str]:
     """Run the streaming pipeline for `paths` into the run's staging folder, then commit it."""
     from imgcls import output_runs
 
     predictions = prediction_batches(
-        config, metadata, paths, config.top_k or min(5, len(metadata.class_names)), config.min_score
+        config, metadata, paths, config.top_k or min(5, len(metadata.class_names)), config.min_score, placement
     )
     staging = output.join(output_runs.STAGING, run_id)
     output_runs.write_staged_files(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from imgcls.errors import UserError
 
@@ -107,3 +109,44 @@ def free_resources(settle_seconds: float = 2.0) -> dict[str, float]:
     if held > 1e-6:
         logger.info("%g of the cluster's %g CPUs are held by other work; planning with %g", held, total.get("CPU", 0.0), free["CPU"])
     return free
+
+
+def ray_in_use() -> bool:
+    """Whether this process has a Ray cluster to use: one it has already joined, or one RAY_ADDRESS
+    names. Without either, a job would start a private Ray on this machine alone."""
+    import sys
+
+    ray = sys.modules.get("ray")  # not imported here: a run that needs no Ray should not pay for it
+    return bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
+
+
+def cluster_shape() -> tuple[int, float]:
+    """The joined cluster's number of live nodes, and the CPUs of the node this process runs on."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    cpus = next((float(node["Resources"].get("CPU", 0.0)) for node in nodes if node["NodeID"] == here), 0.0)
+    return len(nodes), cpus
+
+
+@contextmanager
+def reserved_cpus(cpus: int) -> Iterator[None]:
+    """Hold `cpus` CPUs of the (single-node) cluster through a placement group while threads of this
+    process use them, so Ray schedules other jobs' tasks and actors around them. 0: hold nothing."""
+    if cpus <= 0:
+        yield
+        return
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    group = placement_group([{"CPU": cpus}], strategy="STRICT_PACK")
+    try:
+        try:
+            ray.get(group.ready(), timeout=10)
+        except ray.exceptions.GetTimeoutError:
+            logger.info("waiting for %d CPUs of the Ray cluster, held by other work", cpus)
+            ray.get(group.ready())
+        yield
+    finally:
+        remove_placement_group(group)

@@ -89,7 +89,7 @@ def test_a_killed_run_leaves_nothing_visible_and_the_rerun_completes(ray_session
                "--input", str(images), "--output", str(output), "--batch-size", "16", "--set", "decode_batch_size=16"]  # fmt: skip
     # The killed run has an actor pool on the suite's Ray; the rerun, the default for 3,000 images,
     # runs in its own process and needs no Ray: it is given none.
-    pooled = [*command, "--set", "pool_min_images=0"]
+    pooled = [*command, "--set", "placement=actor_pool"]
     environment = {**os.environ, "RAY_ADDRESS": ray_session}
     without_ray = {key: value for key, value in environment.items() if key != "RAY_ADDRESS"}
     seen: list[int] = []

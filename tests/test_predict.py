@@ -114,16 +114,85 @@ def test_the_model_in_the_driver_gives_the_pools_rows(predictions, prediction_in
     assert [record["model_placement"] for record in records] == ["driver"]
 
 
-def test_small_cpu_runs_put_the_model_in_the_driver_unless_a_pool_is_asked_for():
-    def config(**settings) -> PredictConfig:
-        return PredictConfig(model="m", input="in", output="out", **settings)
+def test_placement_small_runs_stay_in_the_driver_and_sized_or_forced_pools_are_kept(ray_session):
+    def placed(num_images: int, **settings) -> predict.ModelPlacement:
+        return predict.choose_placement(num_images, PredictConfig(model="m", input="in", output="out", **settings))
 
-    assert predict.model_in_driver(4_999, config())
-    assert not predict.model_in_driver(5_000, config())
-    assert not predict.model_in_driver(10, config(pool_min_images=0))
-    assert predict.model_in_driver(50_000, config(pool_min_images=100_000))
+    small = placed(4_999)
+    assert (small.kind, small.reserved_cpus) == ("driver", 0) and "pool_min_images=5000" in small.reason
+    assert placed(10, placement="actor_pool").kind == "actor_pool"
+    assert placed(50_000, placement="driver").kind == "driver"
     for pool in ({"use_gpu": True}, {"num_actors": 1}, {"max_actors": 3}):
-        assert not predict.model_in_driver(10, config(**pool)), pool
+        assert placed(10, **pool).kind == "actor_pool", pool
+        with pytest.raises(ValueError, match="placement driver has none"):
+            PredictConfig(model="m", input="in", output="out", placement="driver", **pool)
+
+
+def test_a_large_run_on_a_one_machine_cluster_stays_in_the_driver_and_holds_its_cpus(
+    ray_session, trained_one_worker, prediction_input, tmp_path
+):
+    import ray
+
+    from imgcls.ray_runtime import reserved_cpus
+
+    # The suite's Ray is this machine alone (2 CPUs): a run of at least pool_min_images stays here,
+    # with one decode thread per free CPU, and holds those CPUs through Ray while it runs.
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < 2:  # earlier tests' actors giving their CPUs back
+        assert time.monotonic() < deadline, ray.available_resources()
+        time.sleep(0.1)
+    placement = predict.choose_placement(5_000, PredictConfig(model="m", input="in", output="out"))
+    assert (placement.kind, placement.reserved_cpus, placement.decode_threads) == ("driver", 2, 2)
+    assert "this machine alone" in placement.reason
+    with reserved_cpus(2):
+        assert ray.available_resources().get("CPU", 0) == 0
+        held = predict.choose_placement(5_000, PredictConfig(model="m", input="in", output="out"))
+        assert held.kind == "actor_pool" and "held" in held.reason
+    deadline = time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < 2:
+        assert time.monotonic() < deadline, "the held CPUs were not given back"
+        time.sleep(0.1)
+    result, _ = trained_one_worker
+    output = tmp_path / "large"
+    summary = predict.run(
+        PredictConfig(model=result.artifact_uri, input=str(prediction_input), output=str(output), pool_min_images=1)
+    )
+    assert (summary.classified, summary.errored) == (20, 1)
+    (record,) = [json.loads(path.read_text()) for path in (output / "_runs").glob("*.json")]
+    assert record["model_placement"] == "driver" and "this machine alone" in record["placement_reason"]
+
+
+def test_a_cluster_of_several_nodes_or_a_big_node_gets_the_pool(tmp_path):
+    # A real two-node Ray (two raylets on this machine) in a fresh process: the suite's Ray is joined here.
+    script = """
+import sys
+from imgcls import predict
+from imgcls.config import PredictConfig
+config = PredictConfig(model="m", input="in", output="out")
+print("no Ray:", predict.choose_placement(5_000, config), "ray" in sys.modules)
+import ray
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 9})
+ray.init(address=cluster.address)
+print("big node:", predict.choose_placement(5_000, config).reason)
+print("small run:", predict.choose_placement(4_999, config).kind)
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+print("two nodes:", predict.choose_placement(5_000, config).reason)
+ray.shutdown()
+cluster.shutdown()
+"""
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                              cwd=REPO_ROOT, env=environment)  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    # Without RAY_ADDRESS a job would start a private Ray on this machine alone: no Ray is even imported.
+    cpus = len(os.sched_getaffinity(0))
+    expected = f"kind='driver' reason='no Ray cluster in use; this machine has {cpus} CPUs'" if cpus <= 8 else "kind='actor_pool'"
+    assert f"no Ray: {expected}" in finished.stdout and "False" in finished.stdout.split("\n")[0], finished.stdout
+    assert "big node: this node has 9 CPUs, more than 8 decode threads use" in finished.stdout, finished.stdout
+    assert "small run: driver" in finished.stdout
+    assert "two nodes: the Ray cluster has 2 nodes" in finished.stdout, finished.stdout
 
 
 def test_in_process_decoding_keeps_order_and_reads_ahead_a_bounded_number_of_blocks(
@@ -187,15 +256,15 @@ def test_a_small_job_shows_a_progress_bar_and_starts_no_ray(trained_one_worker, 
     assert "Started a local Ray instance" not in text and "joining the Ray cluster" not in text, text[-3000:]
 
 
-@pytest.mark.parametrize("pool_min_images", [0, 5_000], ids=["actor_pool", "model_in_driver"])
-def test_an_artifact_without_its_model_file_is_a_user_error(trained_one_worker, prediction_input, tmp_path, pool_min_images):
+@pytest.mark.parametrize("placement", ["actor_pool", "auto"], ids=["actor_pool", "model_in_driver"])
+def test_an_artifact_without_its_model_file_is_a_user_error(trained_one_worker, prediction_input, tmp_path, placement):
     # In a pool the error is raised in a model actor and reaches the driver as Ray's ActorDiedError.
     result, _ = trained_one_worker
     broken = tmp_path / "broken"
     broken.mkdir()
     shutil.copy(Path(result.artifact_uri) / "metadata.json", broken)
     config = PredictConfig(
-        model=str(broken), input=str(prediction_input), output=str(tmp_path / "out"), pool_min_images=pool_min_images
+        model=str(broken), input=str(prediction_input), output=str(tmp_path / "out"), placement=placement
     )
     with pytest.raises(UserError, match="^No model.keras in the artifact at "):
         predict.run(config)

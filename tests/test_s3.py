@@ -93,10 +93,10 @@ def test_predict_bucket_to_bucket_equals_local(bucket_run, bucket_dataset, patte
     # process (the default for a small run: objects read on decode threads); the local twin in this
     # process too. The rows must agree.
     remote_runs = {}
-    for name, pool_min_images in (("pool", 0), ("in_process", 5_000)):
+    for name, placement in (("pool", "actor_pool"), ("in_process", "auto")):
         output = f"s3://{TEST_BUCKET}/predictions/{name}"
         summary = predict.run(
-            PredictConfig(model=bucket_run.artifact_uri, input=bucket_dataset, output=output, pool_min_images=pool_min_images)
+            PredictConfig(model=bucket_run.artifact_uri, input=bucket_dataset, output=output, placement=placement)
         )
         assert summary.images_listed == 96 and summary.errored == 0
         location = storage.resolve(output)
