@@ -114,7 +114,7 @@ def test_the_model_in_the_driver_gives_the_pools_rows(predictions, prediction_in
     assert [record["model_placement"] for record in records] == ["driver"]
 
 
-def test_placement_small_runs_stay_in_the_driver_and_sized_or_forced_pools_are_kept(ray_session):
+def test_placement_small_runs_stay_in_the_driver_and_sized_or_forced_pools_are_kept():
     def placed(num_images: int, **settings) -> predict.ModelPlacement:
         return predict.choose_placement(num_images, PredictConfig(model="m", input="in", output="out", **settings))
 
