@@ -1,4 +1,4 @@
-"""Connecting to Ray: join the cluster named by RAY_ADDRESS, or start a private local one."""
+"""Connecting to Ray (join the cluster named by RAY_ADDRESS, or start a private local one), its shape, and CPUs held through it."""
 
 from __future__ import annotations
 

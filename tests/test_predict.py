@@ -162,8 +162,8 @@ def test_a_large_run_on_a_one_machine_cluster_stays_in_the_driver_and_holds_its_
     assert record["model_placement"] == "driver" and "this machine alone" in record["placement_reason"]
 
 
-def test_a_cluster_of_several_nodes_or_a_big_node_gets_the_pool(tmp_path):
-    # A real two-node Ray (two raylets on this machine) in a fresh process: the suite's Ray is joined here.
+def test_a_cluster_of_several_nodes_or_a_big_node_gets_the_pool():
+    # A real two-node Ray (two raylets on this machine), in a fresh process: this one has joined the suite's Ray.
     script = """
 import sys
 from imgcls import predict
