@@ -456,15 +456,22 @@ class PredictConfig(StrictModel):
     def _paths_differ(self) -> "PredictConfig":
         if self.input.rstrip("/") == self.output.rstrip("/"):
             raise ValueError("output must differ from input, or predictions would be mixed with the images")
-        _check_pool_bounds(self.num_actors, self.max_actors, self.use_gpu, self.placement)
+        _check_pool_bounds(self)
         return self
 
 
-def _check_pool_bounds(num_actors: int | None, max_actors: int | None, use_gpu: bool, placement: str) -> None:
+def pool_settings(config: "PredictConfig | EvaluateConfig") -> list[str]:
+    """The settings given that size an actor pool (each of them asks for one)."""
+    given = (("use_gpu", config.use_gpu), ("num_actors", config.num_actors), ("max_actors", config.max_actors))
+    return [name for name, value in given if value]
+
+
+def _check_pool_bounds(config: "PredictConfig | EvaluateConfig") -> None:
+    num_actors, max_actors = config.num_actors, config.max_actors
     if num_actors is not None and max_actors is not None and max_actors < num_actors:
         raise ValueError(f"max_actors ({max_actors}) must be at least num_actors ({num_actors}), the pool's minimum")
-    sized = [name for name, value in (("use_gpu", use_gpu), ("num_actors", num_actors), ("max_actors", max_actors)) if value]
-    if placement == "driver" and sized:
+    sized = pool_settings(config)
+    if config.placement == "driver" and sized:
         raise ValueError(f"{' and '.join(sized)} size an actor pool, and placement driver has none: drop them or use placement auto")
 
 
@@ -491,7 +498,7 @@ class EvaluateConfig(StrictModel):
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "EvaluateConfig":
-        _check_pool_bounds(self.num_actors, self.max_actors, self.use_gpu, self.placement)
+        _check_pool_bounds(self)
         return self
 
 

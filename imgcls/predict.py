@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from imgcls import errors, storage
-from imgcls.config import EvaluateConfig, PredictConfig
+from imgcls.config import EvaluateConfig, PredictConfig, pool_settings
 from imgcls.errors import DataError, UserError
 
 logger = logging.getLogger(__name__)
@@ -279,8 +279,7 @@ def choose_placement(num_images: int, config: PredictConfig | EvaluateConfig) ->
         return ModelPlacement(kind="actor_pool", reason="placement actor_pool")
     if config.placement == "driver":
         return ModelPlacement(kind="driver", reason="placement driver")
-    sized = [name for name, value in (("use_gpu", config.use_gpu), ("num_actors", config.num_actors),
-                                      ("max_actors", config.max_actors)) if value]  # fmt: skip
+    sized = pool_settings(config)
     if sized:
         return ModelPlacement(kind="actor_pool", reason=f"{' and '.join(sized)} set")
     if num_images < config.pool_min_images:
