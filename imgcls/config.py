@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from imgcls.errors import ConfigError
 
 
+# Bytes read of one image file at most (config key `max_image_bytes`): far above any real photo.
+DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
+
+
 class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment."""
 
@@ -52,6 +56,12 @@ class DataConfig(StrictModel):
         gt=0,
         description="Images with more pixels (width x height) than this are refused as possible "
         "decompression bombs and reported as skipped. Pillow's own default.",
+    )
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_BYTES,
+        ge=1024,
+        description="Image files larger than this many bytes are not read and are reported as skipped (a huge or "
+        "endless file must never exhaust memory). Default 256 MiB; no real photo comes close.",
     )
     decode_batch_size: int = Field(
         default=64, gt=0, description="Images decoded per Ray Data task batch. Larger batches mean fewer, bigger tasks."
@@ -433,6 +443,27 @@ class PredictConfig(StrictModel):
     max_image_pixels: int = Field(
         default=89_478_485, gt=0, description="Larger images are refused as possible decompression bombs."
     )
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_BYTES, ge=1024, description="Larger image files are not read: an error row (256 MiB)."
+    )
+    allow_foreign_files: bool = Field(
+        default=False,
+        description="Let the output folder hold files imgcls did not write (they are left alone, never read or "
+        "deleted). Default: such an output is refused, since it is usually a wrong --output.",
+    )
+    lock_ttl_s: float = Field(
+        default=120.0,
+        ge=1,
+        le=86_400,
+        description="Seconds the output's one-writer lease (output/_lock) lasts without a heartbeat; the holder "
+        "renews it every ttl/4. A killed run's lease is taken over once it has expired (at once on the same "
+        "machine, when its process is gone).",
+    )
+    lock_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a run waits for another run's lease on the same output before exit 2. 0: give up at once.",
+    )
     min_score: float | None = Field(
         default=None,
         ge=0,
@@ -494,6 +525,9 @@ class EvaluateConfig(StrictModel):
         default=5_000, ge=0, description="With placement auto, fewer images stay in the job's own process (see predict)."
     )
     max_image_pixels: int = Field(default=89_478_485, gt=0, description="Larger images are refused as bombs.")
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_BYTES, ge=1024, description="Larger image files are not read (256 MiB)."
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
