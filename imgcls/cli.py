@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from imgcls.errors import UserError
+from imgcls.errors import UserError, clip
 from imgcls.logging_setup import configure_logging
 
 logger = logging.getLogger("imgcls")
@@ -20,6 +20,9 @@ logger = logging.getLogger("imgcls")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
+# Characters of a user error's message printed at most: each message bounds the input it quotes, and
+# this is the last guard should one not (stderr goes to logs and alerts).
+MAX_MESSAGE_CHARACTERS = 2_000
 
 
 def _add_set_option(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         COMMANDS[arguments.verb](arguments)
     except UserError as error:
-        print(f"imgcls {arguments.verb}: error: {error}", file=sys.stderr)
+        print(f"imgcls {arguments.verb}: error: {clip(str(error), MAX_MESSAGE_CHARACTERS)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"imgcls {arguments.verb}: interrupted", file=sys.stderr)

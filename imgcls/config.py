@@ -6,23 +6,86 @@ This module imports no TensorFlow or Ray so that validating a config is instant.
 
 from __future__ import annotations
 
+import math
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from imgcls.errors import ConfigError
+from imgcls.errors import ConfigError, clip, shorten
 
 
 # Bytes read of one image file at most (config key `max_image_bytes`): far above any real photo.
 DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
+# Bounds of `max_image_pixels`: below 32x32 nothing real decodes; above 1e9 pixels (4 GB of RGBA) the
+# limit no longer protects a worker's memory.
+MIN_IMAGE_PIXELS_LIMIT = 1_024
+MAX_IMAGE_PIXELS_LIMIT = 1_000_000_000
+# Bounds of each side of `data.image_size`: every batch is batch_size x height x width x channels
+# floats, so a side of 100,000 asks Ray for hundreds of GiB before any image is read.
+MIN_IMAGE_SIDE = 8
+MAX_IMAGE_SIDE = 4096
+# Bytes of a config file read at most: real configs are a few kilobytes, and the file is read whole.
+MAX_CONFIG_BYTES = 1_048_576
+# Nesting of YAML collections accepted at most: PyYAML composes recursively, so `[[[[...` a megabyte
+# deep would end in a RecursionError; configs nest three or four levels.
+MAX_YAML_DEPTH = 64
+# Problems listed at most in one validation message; the count of the rest is given.
+MAX_PROBLEMS_SHOWN = 10
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+    """Base for every config section: unknown keys are errors, values are validated on assignment, and
+    no float may be infinite or NaN (YAML's `.inf` and `.nan` would pass every `gt`/`le` bound check
+    or poison training silently)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def normalised_uri(uri: str) -> str:
+    """`uri` in the one form that comparisons between config locations use (the same resolution as
+    `imgcls.storage.resolve`, without touching any filesystem): `file://` dropped; `s3://` and `s3a://`
+    URIs as `s3://` plus the rest without trailing slashes, object keys otherwise untouched; local paths
+    with `~` expanded, made absolute against `IMGCLS_BASE_DIR` (else the current directory) and
+    normalised. Other schemes are only stripped of trailing slashes (storage refuses them later)."""
+    scheme, separator, rest = uri.partition("://")
+    if separator:
+        scheme = scheme.lower()
+        if scheme in ("s3", "s3a"):
+            return "s3://" + rest.rstrip("/")
+        if scheme != "file":
+            return f"{scheme}://{rest.rstrip('/')}"
+        uri = rest
+    path = os.path.expanduser(uri)
+    if not os.path.isabs(path):
+        path = os.path.join(os.environ.get("IMGCLS_BASE_DIR") or os.getcwd(), path)
+    path = os.path.normpath(path)
+    # POSIX normpath keeps exactly two leading slashes; for comparisons `//x` is `/x`.
+    return "/" + path.lstrip("/") if path.startswith("//") else path
+
+
+def uri_contains(parent: str, child: str) -> bool:
+    """Whether `child` is `parent` or lies below it, on whole path components (`/a` holds `/a/b`, not
+    `/ab`). Both are normalised first; an s3:// URI never contains a local path or the reverse."""
+    parent, child = normalised_uri(parent), normalised_uri(child)
+    if parent == child:
+        return True
+    prefix = parent if parent.endswith("/") else parent + "/"
+    return child.startswith(prefix)
+
+
+def _usable_output(value: str) -> str:
+    """An output location must name a folder of its own: empty would be the current directory by
+    accident, and `/` would have a run write (and an overwrite replace) files at the filesystem root."""
+    if not value.strip():
+        raise ValueError("must not be empty; name the folder the outputs go to")
+    if normalised_uri(value) == "/":
+        raise ValueError("must not be the root directory (/); name a folder of its own")
+    return value
 
 
 class DataConfig(StrictModel):
@@ -45,17 +108,18 @@ class DataConfig(StrictModel):
     )
     image_size: tuple[int, int] = Field(
         default=(64, 64),
-        description="[height, width] in pixels that every image is resized to before the model. "
-        "The tutorial uses 64x64; small images (16-32 px) train much faster.",
+        description="[height, width] in pixels that every image is resized to before the model, each "
+        "between 8 and 4096. The tutorial uses 64x64; small images (16-32 px) train much faster.",
     )
     channels: Literal[1, 3] = Field(
         default=3, description="Colour channels the model sees: 3 converts every image to RGB, 1 to greyscale."
     )
     max_image_pixels: int = Field(
         default=89_478_485,
-        gt=0,
+        ge=MIN_IMAGE_PIXELS_LIMIT,
+        le=MAX_IMAGE_PIXELS_LIMIT,
         description="Images with more pixels (width x height) than this are refused as possible "
-        "decompression bombs and reported as skipped. Pillow's own default.",
+        "decompression bombs and reported as skipped. Pillow's own default; between 1,024 and 1,000,000,000.",
     )
     max_image_bytes: int = Field(
         default=DEFAULT_MAX_IMAGE_BYTES,
@@ -70,8 +134,13 @@ class DataConfig(StrictModel):
     @field_validator("image_size")
     @classmethod
     def _image_size_positive(cls, value: tuple[int, int]) -> tuple[int, int]:
-        if min(value) < 8:
-            raise ValueError(f"image_size must be at least [8, 8] pixels, got {list(value)}")
+        if min(value) < MIN_IMAGE_SIDE:
+            raise ValueError(f"image_size must be at least [{MIN_IMAGE_SIDE}, {MIN_IMAGE_SIDE}] pixels, got {list(value)}")
+        if max(value) > MAX_IMAGE_SIDE:
+            raise ValueError(
+                f"image_size must be at most [{MAX_IMAGE_SIDE}, {MAX_IMAGE_SIDE}] pixels: each batch holds "
+                "batch_size images of this size"
+            )
         return value
 
 
@@ -115,6 +184,10 @@ class AugmentConfig(StrictModel):
         return self.is_geometric or bool(self.brightness or self.contrast)
 
 
+# Error type of a value refused for holding credentials: its input is never shown.
+CREDENTIALS_ERROR_TYPE = "credentials_in_url"
+
+
 class StorageConfig(StrictModel):
     endpoint_url: str | None = Field(
         default=None,
@@ -127,7 +200,10 @@ class StorageConfig(StrictModel):
     @classmethod
     def _no_credentials_in_url(cls, value: str | None) -> str | None:
         if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
-            raise ValueError("must not contain credentials; use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
+            # Its own error type, so that format_validation_error never echoes the value: it holds a secret.
+            raise PydanticCustomError(
+                CREDENTIALS_ERROR_TYPE, "must not contain credentials; use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+            )
         return value
 
 
@@ -191,7 +267,7 @@ class ModelConfig(StrictModel):
     @classmethod
     def _positive_sizes(cls, value: list[int]) -> list[int]:
         if any(size <= 0 for size in value):
-            raise ValueError(f"every entry must be a positive integer, got {value}")
+            raise ValueError(f"every entry must be a positive integer, got {shorten(value)}")
         return value
 
 
@@ -222,7 +298,7 @@ class FinetuneConfig(StrictModel):
     @classmethod
     def _unfreeze_positive(cls, value: int | str) -> int | str:
         if isinstance(value, int) and value <= 0:
-            raise ValueError(f"must be a positive number of layers or 'all', got {value}")
+            raise ValueError(f"must be a positive number of layers or 'all', got {shorten(value)}")
         return value
 
 
@@ -289,6 +365,19 @@ class TrainConfig(StrictModel):
     )
     tensorboard: bool = Field(default=False, description="Write TensorBoard event files to output_dir/tensorboard.")
 
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _weights_finite_and_non_negative(cls, value: Any) -> Any:
+        # Checked before the union is tried, so that a bad weight gives one message, not one per member.
+        if isinstance(value, dict):
+            for class_name, weight in value.items():
+                if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+                    if not math.isfinite(weight) or weight < 0:
+                        raise ValueError(
+                            f"the weight of class {shorten(class_name)} must be a finite number >= 0"
+                        )
+        return value
+
 
 class ScalingConfig(StrictModel):
     num_workers: int = Field(default=1, gt=0, description="Data-parallel Ray Train workers (one model replica each).")
@@ -340,20 +429,24 @@ class TuneSettings(StrictModel):
         if not value:
             raise ValueError("needs at least one key to search over")
         for key, domain in value.items():
+            shown_key = clip(key)
             if key.split(".")[0] in ("tune", "output_dir"):
-                raise ValueError(f"{key}: tune.* and output_dir cannot be searched over")
+                raise ValueError(f"{shown_key}: tune.* and output_dir cannot be searched over")
             if len(domain) != 1 or next(iter(domain)) not in SEARCH_DOMAINS:
-                raise ValueError(f"{key}: give exactly one of {', '.join(SEARCH_DOMAINS)}, got {domain}")
+                raise ValueError(f"{shown_key}: give exactly one of {', '.join(SEARCH_DOMAINS)}, got {shorten(domain)}")
             (kind, values), = domain.items()
             if not values:
-                raise ValueError(f"{key}: {kind} needs values")
+                raise ValueError(f"{shown_key}: {kind} needs values")
             if kind in ("uniform", "loguniform", "randint"):
                 if len(values) != 2 or not all(isinstance(bound, (int, float)) for bound in values):
-                    raise ValueError(f"{key}: {kind} takes [low, high], got {values}")
+                    raise ValueError(f"{shown_key}: {kind} takes [low, high], got {shorten(values)}")
+                # NaN compares false with everything, so it would slip past the checks below.
+                if not all(math.isfinite(bound) for bound in values):
+                    raise ValueError(f"{shown_key}: {kind} bounds must be finite numbers, got {values}")
                 if values[0] >= values[1]:
-                    raise ValueError(f"{key}: {kind} needs low < high, got {values}")
+                    raise ValueError(f"{shown_key}: {kind} needs low < high, got {values}")
                 if kind == "loguniform" and values[0] <= 0:
-                    raise ValueError(f"{key}: loguniform needs low > 0, got {values}")
+                    raise ValueError(f"{shown_key}: loguniform needs low > 0, got {values}")
         return value
 
     def resolved_mode(self) -> str:
@@ -379,6 +472,23 @@ class JobConfig(StrictModel):
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     seed: int = Field(default=0, description="Seeds the train/val split, weight initialisation and data order.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_usable(cls, value: str) -> str:
+        return _usable_output(value)
+
+    @model_validator(mode="after")
+    def _output_dir_apart_from_data(self) -> "JobConfig":
+        # A run writes (and a rerun replaces) files under output_dir: the images must not be among them.
+        for key, data_uri in (("data.train", self.data.train), ("data.val", self.data.val)):
+            if data_uri is not None and uri_contains(self.output_dir, data_uri):
+                relation = "is" if normalised_uri(self.output_dir) == normalised_uri(data_uri) else "holds"
+                raise ValueError(
+                    f"output_dir {clip(self.output_dir)} {relation} {key} {clip(data_uri)}: the run's checkpoints "
+                    "and model would be written among the training images; choose an output_dir outside the data"
+                )
+        return self
 
     @model_validator(mode="after")
     def _backbone_fits(self) -> "JobConfig":
@@ -441,7 +551,10 @@ class PredictConfig(StrictModel):
         "1-2 s more, longer than such a run.",
     )
     max_image_pixels: int = Field(
-        default=89_478_485, gt=0, description="Larger images are refused as possible decompression bombs."
+        default=89_478_485,
+        ge=MIN_IMAGE_PIXELS_LIMIT,
+        le=MAX_IMAGE_PIXELS_LIMIT,
+        description="Larger images are refused as possible decompression bombs (1,024 to 1,000,000,000).",
     )
     max_image_bytes: int = Field(
         default=DEFAULT_MAX_IMAGE_BYTES, ge=1024, description="Larger image files are not read: an error row (256 MiB)."
@@ -483,10 +596,23 @@ class PredictConfig(StrictModel):
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
+    @field_validator("output")
+    @classmethod
+    def _output_usable(cls, value: str) -> str:
+        return _usable_output(value)
+
     @model_validator(mode="after")
     def _paths_differ(self) -> "PredictConfig":
-        if self.input.rstrip("/") == self.output.rstrip("/"):
+        if normalised_uri(self.input) == normalised_uri(self.output):
             raise ValueError("output must differ from input, or predictions would be mixed with the images")
+        # Overwriting replaces the output folder: inside the input it would delete images, and around it
+        # the run would classify (and then delete) its own earlier output.
+        if self.overwrite and (uri_contains(self.input, self.output) or uri_contains(self.output, self.input)):
+            inner, outer = ("output", "input") if uri_contains(self.input, self.output) else ("input", "output")
+            raise ValueError(
+                f"with overwrite, {inner} ({clip(getattr(self, inner))}) must not lie inside {outer} "
+                f"({clip(getattr(self, outer))}): replacing the output would touch the images being classified"
+            )
         _check_pool_bounds(self)
         return self
 
@@ -524,11 +650,21 @@ class EvaluateConfig(StrictModel):
     pool_min_images: int = Field(
         default=5_000, ge=0, description="With placement auto, fewer images stay in the job's own process (see predict)."
     )
-    max_image_pixels: int = Field(default=89_478_485, gt=0, description="Larger images are refused as bombs.")
+    max_image_pixels: int = Field(
+        default=89_478_485,
+        ge=MIN_IMAGE_PIXELS_LIMIT,
+        le=MAX_IMAGE_PIXELS_LIMIT,
+        description="Larger images are refused as bombs (1,024 to 1,000,000,000).",
+    )
     max_image_bytes: int = Field(
         default=DEFAULT_MAX_IMAGE_BYTES, ge=1024, description="Larger image files are not read (256 MiB)."
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("output")
+    @classmethod
+    def _output_usable(cls, value: str) -> str:
+        return _usable_output(value)
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> "EvaluateConfig":
@@ -536,24 +672,106 @@ class EvaluateConfig(StrictModel):
         return self
 
 
+class YamlAliasError(yaml.YAMLError):
+    """A YAML alias (`*name`), refused by NoAliasSafeLoader before anything is built from it."""
+
+    def __init__(self, anchor: str, line: int) -> None:
+        super().__init__(f"alias *{anchor} at line {line}")
+        self.anchor = anchor
+        self.line = line
+
+
+class YamlTooDeepError(yaml.YAMLError):
+    """Collections nested deeper than MAX_YAML_DEPTH."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(f"collections nested more than {MAX_YAML_DEPTH} deep at line {line}")
+        self.line = line
+
+
+class NoAliasSafeLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases and deep nesting while composing, before any object is built.
+
+    Aliases are what make a "billion laughs" file: 400 bytes of nested anchors and aliases expand to
+    gigabytes of lists (and a message repeating them). No imgcls config needs one, so every alias is
+    refused; an anchor alone (`&name`) is harmless and allowed. Pure Python on purpose: the C loader
+    composes in C, where this check could not run.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.composing_depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise YamlAliasError(event.anchor, event.start_mark.line + 1)
+        self.composing_depth += 1
+        try:
+            if self.composing_depth > MAX_YAML_DEPTH:
+                raise YamlTooDeepError(self.peek_event().start_mark.line + 1)
+            return super().compose_node(parent, index)
+        finally:
+            self.composing_depth -= 1
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line saying what is wrong, for a message: PyYAML's own text spans lines and quotes the
+    offending input, which can be a megabyte on one line."""
+    if isinstance(error, yaml.MarkedYAMLError):
+        parts = [clip(" ".join(part.split())) for part in (error.context, error.problem) if part]
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return (", ".join(parts) or "invalid YAML") + where
+    return clip(" ".join(str(error).split()))
+
+
+def _parse_yaml(text: str, what: str) -> Any:
+    """`text` parsed as YAML by NoAliasSafeLoader; every failure a ConfigError starting with `what`."""
+    loader = NoAliasSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    except YamlAliasError as error:
+        anchor = clip(error.anchor, 100)
+        raise ConfigError(
+            f"{what} uses a YAML alias (*{anchor}) at line {error.line}; imgcls configs do not expand "
+            "aliases: write the value out."
+        ) from None
+    except YamlTooDeepError as error:
+        raise ConfigError(
+            f"{what} nests collections more than {MAX_YAML_DEPTH} deep (line {error.line}); imgcls configs "
+            "nest a few levels."
+        ) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(error)}.") from None
+    except RecursionError:
+        # MAX_YAML_DEPTH keeps composing shallow; this is a last resort should anything else recurse.
+        raise ConfigError(f"{what} is not valid YAML: it nests too deeply.") from None
+    except ValueError as error:
+        # Python refuses integers of more than 4,300 digits: a ValueError, not a YAMLError.
+        raise ConfigError(f"{what} is not valid YAML: {clip(str(error))}.") from None
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
-    """Turn `["a.b=1", "c=[1, 2]"]` into a nested dict; values are parsed as YAML."""
+    """Turn `["a.b=1", "c=[1, 2]"]` into a nested dict; values are parsed as YAML (aliases refused)."""
     nested: dict[str, Any] = {}
     for assignment in assignments:
         key, separator, raw_value = assignment.partition("=")
         key = key.strip()
         if not separator or not key:
-            raise ConfigError(f"--set expects key=value (for example train.epochs=5), got {assignment!r}.")
-        try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"--set {key}: the value {raw_value!r} is not valid YAML ({error}).") from None
+            raise ConfigError(f"--set expects key=value (for example train.epochs=5), got {shorten(assignment)}.")
+        shown_key = clip(key)
+        value = _parse_yaml(raw_value, f"--set {shown_key}: the value {shorten(raw_value)}") if raw_value.strip() else None
         target = nested
         parts = key.split(".")
         for part in parts[:-1]:
             existing = target.setdefault(part, {})
             if not isinstance(existing, dict):
-                raise ConfigError(f"--set {key}: {part!r} was already given a value, it cannot also have sub-keys.")
+                raise ConfigError(
+                    f"--set {shown_key}: {shorten(part)} was already given a value, it cannot also have sub-keys."
+                )
             target = existing
         target[parts[-1]] = value
     return nested
@@ -571,38 +789,120 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:
-    """One readable paragraph naming each bad dotted key."""
+    """One readable paragraph naming each bad dotted key. Input values are shortened and credentials in
+    URLs masked (a refused value can be megabytes, or hold a password), and at most MAX_PROBLEMS_SHOWN
+    problems are listed."""
+    items = error.errors()
     problems = []
-    for item in error.errors():
-        dotted = ".".join(str(part) for part in item["loc"]) or "(top level)"
+    for item in items[:MAX_PROBLEMS_SHOWN]:
+        dotted = clip(".".join(str(part) for part in item["loc"])) or "(top level)"
+        # Messages of imgcls' own checks shorten the values they quote; this bounds them all the same.
+        message = clip(item["msg"].removeprefix("Value error, "), 5 * 200)
         if item["type"] == "extra_forbidden":
             problems.append(f"unknown key '{dotted}'")
         elif item["type"] == "missing":
             problems.append(f"'{dotted}' is required")
         elif not item["loc"]:
             # Cross-field checks name their keys themselves; the input would be the whole config.
-            problems.append(item["msg"].removeprefix("Value error, "))
+            problems.append(message)
+        elif item["type"] == CREDENTIALS_ERROR_TYPE:
+            # The value is the secret: name the key, never echo it, masked or not.
+            problems.append(f"'{dotted}': {message}")
         else:
-            message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"'{dotted}': {message} (got {item.get('input')!r})")
-    return f"Invalid configuration in {source}: " + "; ".join(problems) + "."
+            problems.append(f"'{dotted}': {message} (got {shorten(item.get('input'))})")
+    if len(items) > MAX_PROBLEMS_SHOWN:
+        problems.append(f"and {len(items) - MAX_PROBLEMS_SHOWN} more problems")
+    return f"Invalid configuration in {clip(source)}: " + "; ".join(problems) + "."
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
+
+
+def _read_config_bytes(path: Path, shown: str) -> bytes:
+    """At most MAX_CONFIG_BYTES + 1 bytes of the file: enough to tell that it is too large. Regular files
+    and character devices (`--config /dev/null`) are read; a FIFO would block until a writer came, a
+    socket or directory cannot hold a config."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below), nor reading a tty.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (OSError, ValueError) as error:
+        try:
+            mode = os.stat(path).st_mode
+        except (OSError, ValueError):
+            mode = None
+        # Opening a Unix socket fails (ENXIO); say what it is rather than "No such device or address".
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):
+            raise ConfigError(
+                f"Config file {shown} is not a regular file but {_file_kind(mode)}: give the path of a YAML file."
+            ) from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ConfigError(f"Cannot read config file {shown}: {reason}.") from None
+    too_large = ConfigError(
+        f"Config file {shown} is larger than {MAX_CONFIG_BYTES:,} bytes (1 MiB, MAX_CONFIG_BYTES), the most "
+        "imgcls reads of a config; real configs are a few kilobytes."
+    )
+    try:
+        status = os.fstat(descriptor)
+        if not (stat.S_ISREG(status.st_mode) or stat.S_ISCHR(status.st_mode)):
+            raise ConfigError(
+                f"Config file {shown} is not a regular file but {_file_kind(status.st_mode)}: "
+                "give the path of a YAML file."
+            )
+        if stat.S_ISREG(status.st_mode) and status.st_size > MAX_CONFIG_BYTES:
+            raise too_large
+        chunks: list[bytes] = []
+        remaining = MAX_CONFIG_BYTES + 1
+        while remaining > 0:
+            chunk = os.read(descriptor, min(remaining, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    except OSError as error:
+        # A character device with nothing to read yet (a terminal) fails with EAGAIN rather than waiting.
+        raise ConfigError(f"Cannot read config file {shown}: {error.strerror or error}.") from None
+    finally:
+        os.close(descriptor)
+    if remaining <= 0:
+        raise too_large
+    return b"".join(chunks)
+
+
+def _decode_config(data: bytes, shown: str) -> str:
+    """`data` as UTF-8 (a leading byte-order mark allowed), strictly: a file in another encoding is
+    refused with the offset of its first bad byte rather than read as something else."""
+    byte_order_mark = b"\xef\xbb\xbf"
+    skipped = len(byte_order_mark) if data.startswith(byte_order_mark) else 0
+    try:
+        return data[skipped:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = skipped + error.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise ConfigError(
+            f"Config file {shown} is not UTF-8 text: the byte 0x{data[offset]:02x} at offset {offset} (line {line}) "
+            "cannot be decoded; save the file as UTF-8."
+        ) from None
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; errors name the file."""
+    """Read a YAML file that must hold a mapping; errors name the file. Bounded: at most
+    MAX_CONFIG_BYTES are read, only from a regular file or character device, and YAML aliases are
+    refused, so no file can hang the job, exhaust its memory or fill its log."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"Cannot read config file {path}: {error.strerror or error}.") from None
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"Config file {path} is not valid YAML: {error}") from None
+    shown = clip(str(path))
+    text = _decode_config(_read_config_bytes(path, shown), shown)
+    loaded = _parse_yaml(text, f"Config file {shown}")
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping of keys, got {type(loaded).__name__}.")
+        raise ConfigError(f"Config file {shown} must hold a mapping of keys, got {type(loaded).__name__}.")
     return loaded
 
 

@@ -1,4 +1,21 @@
-"""Errors a user can cause and fix: the CLI turns them into exit code 2 and one paragraph, no traceback."""
+"""Errors a user can cause and fix: the CLI turns them into exit code 2 and one paragraph, no traceback.
+
+Also the two helpers every such message uses on what the user gave: `shorten` (a value is never echoed
+at length: a hostile or mistaken input can be megabytes) and `redact` (a password in a URL never is).
+Standard library only, so that any module can import this one.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Characters of one input value that a message shows at most.
+SHOWN_VALUE_LIMIT = 200
+
+# The userinfo of a URL (`scheme://user:password@`): everything between `://` and the last `@` of the
+# authority, which ends at `/`, `?`, `#` or whitespace. Greedy, so a password holding an unencoded `@`
+# is masked whole.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s]*@")
 
 
 class UserError(Exception):
@@ -15,3 +32,28 @@ class DataError(UserError):
 
 class ResourcePlanError(UserError):
     """The requested workers and CPUs cannot run on this Ray cluster."""
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo of every URL masked: `scheme://user:password@host` -> `scheme://***@host`."""
+    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def clip(text: str, limit: int = SHOWN_VALUE_LIMIT) -> str:
+    """Plain `text` for a message (no quotes added): credentials in URLs masked, then cut to `limit`
+    characters, saying how long it was when cut."""
+    text = redact(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"
+
+
+def shorten(value: object, limit: int = SHOWN_VALUE_LIMIT) -> str:
+    """`repr(value)` for a message: credentials in URLs masked, and at most `limit` characters, with an
+    ellipsis and the original length when cut. Masking comes first, so a cut can never leave part of a
+    password behind with the `@` that marks it cut off."""
+    text = redact(repr(value))
+    if len(text) <= limit:
+        return text
+    length = len(value) if isinstance(value, (str, bytes)) else len(text)
+    return f"{text[:limit]}… ({length:,} characters)"
