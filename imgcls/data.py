@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from imgcls import storage
-from imgcls.errors import DataError
+from imgcls.config import DEFAULT_MAX_IMAGE_BYTES
+from imgcls.errors import DataError, UserError, shorten
 from imgcls.images import ImageDecodeError, decode_image, has_image_extension
 
 logger = logging.getLogger(__name__)
@@ -25,10 +26,12 @@ ROWS_PER_BLOCK = 256
 
 @dataclass
 class ImageListing:
-    """Image URIs found under a root, and how many other files were passed over."""
+    """Image URIs found under a root, how many other files were passed over, and how many repeated
+    manifest rows were dropped."""
 
     paths: list[str]
     ignored: int = 0
+    duplicates: int = 0
 
 
 @dataclass
@@ -61,8 +64,10 @@ class LabelledImages:
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 
 
-def _is_hidden(relative: PurePosixPath) -> bool:
-    return any(part.startswith(".") or part.startswith("_") for part in relative.parts)
+def _is_hidden(relative: str) -> bool:
+    """A path below the root with a `.x` or `_x` part. Object keys may hold the literal segments `.`,
+    `..` and `` (from `//`): those are names like any other, not hidden ones."""
+    return any(part.startswith((".", "_")) and part not in (".", "..") for part in relative.split("/"))
 
 
 def is_manifest(uri: str) -> bool:
@@ -87,8 +92,7 @@ def list_images(uri: str, endpoint_url: str | None = None) -> ImageListing:
     paths: list[str] = []
     ignored = 0
     for relative in storage.iter_files(root):
-        relative_path = PurePosixPath(relative)
-        if _is_hidden(relative_path) or not has_image_extension(relative_path.name):
+        if _is_hidden(relative) or not has_image_extension(relative.rsplit("/", 1)[-1]):
             ignored += 1
             continue
         paths.append(root.join(relative).uri)
@@ -101,8 +105,8 @@ def list_images(uri: str, endpoint_url: str | None = None) -> ImageListing:
 def list_prediction_inputs(uri: str, endpoint_url: str | None = None) -> ImageListing:
     """Images to classify: a folder or bucket prefix (recursive), or a manifest with a `path` column."""
     if is_manifest(uri):
-        paths, _ = read_manifest(uri, endpoint_url, require_label=False)
-        return ImageListing(paths=paths)
+        paths, _, duplicates = read_manifest(uri, endpoint_url, require_label=False)
+        return ImageListing(paths=paths, duplicates=duplicates)
     return list_images(uri, endpoint_url)
 
 
@@ -112,42 +116,48 @@ def _labelled_from_folder(uri: str, endpoint_url: str | None) -> LabelledImages:
     labels: list[str] = []
     ignored = 0
     for relative in storage.iter_files(root):
-        relative_path = PurePosixPath(relative)
-        if _is_hidden(relative_path) or not has_image_extension(relative_path.name) or len(relative_path.parts) < 2:
+        parts = relative.split("/")
+        if _is_hidden(relative) or not has_image_extension(parts[-1]) or len(parts) < 2:
             ignored += 1  # hidden, not an image, or not inside a class folder
             continue
         paths.append(root.join(relative).uri)
-        labels.append(relative_path.parts[0])
+        labels.append(parts[0])
     order = sorted(range(len(paths)), key=paths.__getitem__)
     return LabelledImages(
         paths=[paths[i] for i in order], labels=[labels[i] for i in order], class_names=[], ignored=ignored
     )
 
 
-def read_manifest(uri: str, endpoint_url: str | None, require_label: bool) -> tuple[list[str], list[str] | None]:
+def read_manifest(
+    uri: str, endpoint_url: str | None, require_label: bool
+) -> tuple[list[str], list[str] | None, int]:
     """Rows of a CSV or Parquet manifest: `path` (absolute URI or relative to the manifest's folder)
-    and, when required, `label`."""
+    and, when required, `label`; returns paths, labels and the number of repeated rows dropped.
+
+    Paths are normalised once (see `normalise_manifest_path`), so one image has one key; a row
+    repeated with the same label is dropped and counted, the same path with two labels is an error.
+    """
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     location = storage.resolve(uri, endpoint_url)
-    if not storage.is_file(location):
-        raise DataError(f"Manifest {uri} does not exist.")
+    _check_manifest_file(location, uri)
     try:
-        if uri.lower().endswith(".csv"):
-            with location.filesystem.open_input_stream(location.path) as stream:
-                table = pacsv.read_csv(
-                    stream, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string(), "label": pa.string()})
-                )
-        else:
-            with location.filesystem.open_input_file(location.path) as handle:
-                table = pq.read_table(handle)
-    except (pa.ArrowInvalid, OSError) as error:
-        raise DataError(f"Cannot read manifest {uri}: {error}") from None
+        with storage.user_facing_errors(location, "read the manifest"):
+            if uri.lower().endswith(".csv"):
+                with location.filesystem.open_input_stream(location.path) as stream:
+                    table = pacsv.read_csv(
+                        stream, convert_options=pacsv.ConvertOptions(column_types={"path": pa.string(), "label": pa.string()})
+                    )
+            else:
+                with location.filesystem.open_input_file(location.path) as handle:
+                    table = pq.read_table(handle)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+        raise DataError(f"Cannot read manifest {uri}: {shorten(str(error), 300)}") from None
     required = ["path", "label"] if require_label else ["path"]
     missing = [column for column in required if column not in table.column_names]
     if missing:
-        raise DataError(f"Manifest {uri} lacks column(s) {missing}; it has {table.column_names}.")
+        raise DataError(f"Manifest {uri} lacks column(s) {missing}; it has {shorten(table.column_names)}.")
     raw_paths = table.column("path").cast(pa.string()).to_pylist()
     labels = [None if label is None else str(label) for label in table.column("label").to_pylist()] if require_label else None
     empty_rows = [row + 2 for row, path in enumerate(raw_paths) if not path]
@@ -158,15 +168,75 @@ def read_manifest(uri: str, endpoint_url: str | None, require_label: bool) -> tu
             f"Manifest {uri} has {len(empty_rows)} row(s) with an empty path or label "
             f"(CSV lines {sorted(set(empty_rows))[:10]}). Fill them in or remove them."
         )
-    # Absolute URIs and absolute local paths stand as they are; anything else is beside the manifest.
-    paths = [raw if "://" in raw or raw.startswith("/") else location.parent.join(raw).uri for raw in raw_paths]
-    return paths, labels
+    paths = [normalise_manifest_path(raw, location) for raw in raw_paths]
+    return _drop_repeated_rows(uri, paths, labels)
+
+
+def _check_manifest_file(location: storage.Location, uri: str) -> None:
+    if location.is_local:
+        try:
+            mode = os.stat(location.path).st_mode
+        except (OSError, ValueError):
+            raise DataError(f"Manifest {uri} does not exist.") from None
+        if not stat.S_ISREG(mode):
+            raise DataError(f"Manifest {uri} is not a regular file (a named pipe, device, socket or folder).")
+    elif not storage.is_file(location):
+        raise DataError(f"Manifest {uri} does not exist.")
+
+
+def normalise_manifest_path(raw: str, manifest: storage.Location) -> str:
+    """The one key of a manifest row. Local paths become absolute with `.` and `..` resolved and a
+    `file://` prefix removed; relative ones are beside the manifest. `s3://` URIs, and relative keys
+    beside a manifest in a bucket, are used exactly as written: object keys are never normalised.
+    Anything else (another scheme, a NUL byte) is kept as written and becomes that row's error."""
+    if "\x00" in raw:
+        return raw
+    scheme, separator, rest = raw.partition("://")
+    if separator:
+        scheme = scheme.lower()
+        if scheme in ("s3", "s3a"):
+            return f"s3://{rest}"
+        if scheme != "file":
+            return raw
+        raw = rest
+    if not manifest.is_local and not raw.startswith("/"):
+        return manifest.parent.join(raw).uri
+    if not raw.startswith("/"):
+        raw = os.path.join(manifest.parent.path, raw)
+    return os.path.normpath(raw)
+
+
+def _drop_repeated_rows(
+    uri: str, paths: list[str], labels: list[str] | None
+) -> tuple[list[str], list[str] | None, int]:
+    first_label: dict[str, str | None] = {}
+    kept_paths: list[str] = []
+    kept_labels: list[str] = []
+    conflicts: list[str] = []
+    for row, path in enumerate(paths):
+        label = labels[row] if labels is not None else None
+        if path in first_label:
+            if first_label[path] != label and len(conflicts) < 3:
+                conflicts.append(f"{shorten(path, 120)} ({first_label[path]!r} and {shorten(label, 60)})")
+            continue
+        first_label[path] = label
+        kept_paths.append(path)
+        if labels is not None:
+            kept_labels.append(label)
+    if conflicts:
+        raise DataError(
+            f"Manifest {uri} gives one image two different labels: {'; '.join(conflicts)}. Keep one row per image."
+        )
+    duplicates = len(paths) - len(kept_paths)
+    if duplicates:
+        logger.warning("manifest %s: dropped %d repeated row(s) (the same image listed again)", uri, duplicates)
+    return kept_paths, kept_labels if labels is not None else None, duplicates
 
 
 def list_labelled(uri: str, endpoint_url: str | None = None) -> LabelledImages:
     """Labelled images from a folder per class (`root/<class>/**/<image>`) or a manifest."""
     if is_manifest(uri):
-        paths, labels = read_manifest(uri, endpoint_url, require_label=True)
+        paths, labels, _ = read_manifest(uri, endpoint_url, require_label=True)
         images = LabelledImages(paths=paths, labels=labels or [], class_names=[])
     else:
         images = _labelled_from_folder(uri, endpoint_url)
@@ -211,17 +281,24 @@ def stratified_split(
 REMOTE_READ_THREADS = 16
 
 
-def _read_each(paths: list[str], endpoint_url: str | None) -> Iterator[bytes | OSError]:
-    """Bytes of every path in order, or the OSError that reading it raised. Remote objects are fetched
-    concurrently (and held until decoded); local files one at a time as they are decoded, so a block
-    never holds all its encoded files at once (1,024 JPEGs of 640x480 are about 80 MB)."""
+class UnusablePathError(OSError):
+    """A listed path that names no readable image location (a URL, a NUL byte): that row's error."""
+
+
+def _read_each(paths: list[str], endpoint_url: str | None, max_bytes: int) -> Iterator[bytes | OSError]:
+    """Bytes of every path in order (at most `max_bytes` each), or the OSError that reading it raised.
+    Remote objects are fetched concurrently (and held until decoded); local files one at a time as
+    they are decoded, so a block never holds all its encoded files at once."""
 
     def read_one(path: str) -> bytes | OSError:
         try:
+            if "\x00" in path:
+                raise UnusablePathError("invalid path: it contains a NUL byte")
             if os.path.isabs(path):  # listed local files: skip resolving a filesystem per file
-                with open(path, "rb") as handle:
-                    return handle.read()
-            return storage.read_object(storage.resolve(path, endpoint_url))
+                return storage.read_local_file(path, max_bytes)
+            return storage.read_object(storage.resolve(path, endpoint_url), max_bytes)
+        except UserError as error:  # e.g. an http:// URL in a manifest: this row fails, not the run
+            return UnusablePathError(str(error))
         except OSError as error:
             return error
 
@@ -241,6 +318,7 @@ def decode_batch(
     channels: int,
     max_pixels: int,
     endpoint_url: str | None = None,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: read and decode every path in the batch; failures become an `error` string.
 
@@ -250,9 +328,12 @@ def decode_batch(
     height, width = image_size
     images = np.zeros((len(paths), height, width, channels), dtype=np.uint8)
     errors = np.full(len(paths), "", dtype=object)
-    for row, payload in enumerate(_read_each(paths, endpoint_url)):
+    for row, payload in enumerate(_read_each(paths, endpoint_url, max_bytes)):
+        if isinstance(payload, UnusablePathError):
+            errors[row] = str(payload)
+            continue
         if isinstance(payload, OSError):
-            errors[row] = f"cannot read file: {payload}"
+            errors[row] = f"cannot read file: {_read_failure(payload)}"
             continue
         try:
             images[row] = decode_image(payload, image_size, channels, max_pixels)
@@ -262,6 +343,11 @@ def decode_batch(
     output["image"] = images
     output["error"] = errors.astype(str)
     return output
+
+
+def _read_failure(error: OSError) -> str:
+    """The reason alone: the row already names the path."""
+    return error.strerror if error.strerror and error.filename else str(error)
 
 
 def paths_table(
@@ -291,6 +377,7 @@ def decoded_dataset(
     endpoint_url: str | None = None,
     num_cpus: float | None = None,
     rows_per_block: int = ROWS_PER_BLOCK,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ):
     """A lazy Ray Dataset of path (+label), image and error columns; one decode task per block."""
     import ray.data
@@ -307,6 +394,7 @@ def decoded_dataset(
             "channels": channels,
             "max_pixels": max_pixels,
             "endpoint_url": endpoint_url,
+            "max_bytes": max_bytes,
         },
     )
 
@@ -331,6 +419,7 @@ def prepare_split(
     split_name: str,
     endpoint_url: str | None = None,
     num_cpus: float | None = None,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> PreparedSplit:
     """Decode a split once into the object store at model resolution, dropping undecodable files.
 
@@ -344,7 +433,7 @@ def prepare_split(
     shuffled = images.subset(order)
     decoded = decoded_dataset(
         shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size, endpoint_url,
-        num_cpus=num_cpus,
+        num_cpus=num_cpus, max_bytes=max_bytes,
     ).materialize()  # fmt: skip
     skipped_rows = decoded.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
     skipped = [{"path": str(row["path"]), "error": str(row["error"])} for row in skipped_rows]

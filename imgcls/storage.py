@@ -12,8 +12,10 @@ Relative local paths resolve against `IMGCLS_BASE_DIR` when it is set (so a job 
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -21,7 +23,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from imgcls.errors import UserError
+from imgcls.errors import UserError, redact, shorten
 
 BASE_DIR_VARIABLE = "IMGCLS_BASE_DIR"
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -45,15 +47,53 @@ class Location:
         return self.path if self.is_local else f"s3://{self.path}"
 
     def join(self, *parts: str) -> "Location":
-        return Location(self.filesystem, str(PurePosixPath(self.path, *parts)), self.endpoint_url)
+        if self.is_local:
+            return Location(self.filesystem, str(PurePosixPath(self.path, *parts)), self.endpoint_url)
+        # Object keys are used exactly as listed: `a//b`, `a/./b` and `a/../b` are three other keys
+        # than `a/b`, so nothing here may normalise them.
+        return Location(self.filesystem, "/".join([self.path.rstrip("/"), *parts]), self.endpoint_url)
 
     @property
     def parent(self) -> "Location":
-        return Location(self.filesystem, str(PurePosixPath(self.path).parent), self.endpoint_url)
+        if self.is_local:
+            return Location(self.filesystem, str(PurePosixPath(self.path).parent), self.endpoint_url)
+        return Location(self.filesystem, self.path.rsplit("/", 1)[0], self.endpoint_url)
 
     @property
     def name(self) -> str:
-        return PurePosixPath(self.path).name
+        return PurePosixPath(self.path).name if self.is_local else self.path.rsplit("/", 1)[-1]
+
+
+class StorageError(UserError):
+    """A bucket, endpoint or folder that cannot be reached, read or written: the user's to fix."""
+
+
+def _describe_failure(error: BaseException) -> str:
+    code = getattr(error, "response", {}).get("Error", {}).get("Code") if hasattr(error, "response") else None
+    return shorten(redact(code or str(error) or type(error).__name__), 300)
+
+
+@contextmanager
+def user_facing_errors(location: "Location", action: str) -> Iterator[None]:
+    """Turn the storage client's exceptions (pyarrow's OSError, botocore's errors) into one
+    StorageError that names the URI and, for object stores, the endpoint."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        if not isinstance(error, OSError) and not _is_botocore_error(error):
+            raise
+        where = "" if location.is_local else f" (endpoint {redact(location.endpoint_url or 'AWS S3 default')})"
+        raise StorageError(
+            f"Cannot {action} {location.uri}{where}: {_describe_failure(error)}. Check that the path or bucket "
+            "exists, the endpoint is reachable and the credentials allow it."
+        ) from None
+
+
+def _is_botocore_error(error: BaseException) -> bool:
+    module = type(error).__module__
+    return module.startswith(("botocore", "boto3", "urllib3"))
 
 
 def endpoint_from_environment() -> str | None:
@@ -71,7 +111,8 @@ def region_from_environment() -> str:
 def s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
     """One S3 filesystem per endpoint and region per process. No keys are passed: pyarrow reads the
     AWS credential chain itself, so nothing secret is held or pickled with the filesystem."""
-    options: dict[str, object] = {"region": region}
+    # Bounded waits: an unreachable endpoint fails within seconds instead of hanging a job.
+    options: dict[str, object] = {"region": region, "connect_timeout": 10, "request_timeout": 60}
     if endpoint_url:
         parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
         options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
@@ -100,20 +141,27 @@ def resolve(uri: str, endpoint_url: str | None = None) -> Location:
 
 
 def exists(location: Location) -> bool:
-    return location.filesystem.get_file_info(location.path).type != pafs.FileType.NotFound
+    with user_facing_errors(location, "look up"):
+        return location.filesystem.get_file_info(location.path).type != pafs.FileType.NotFound
 
 
 def is_file(location: Location) -> bool:
-    return location.filesystem.get_file_info(location.path).type == pafs.FileType.File
+    with user_facing_errors(location, "look up"):
+        return location.filesystem.get_file_info(location.path).type == pafs.FileType.File
 
 
 def read_bytes(location: Location) -> bytes:
-    with location.filesystem.open_input_stream(location.path) as stream:
+    with user_facing_errors(location, "read"), location.filesystem.open_input_stream(location.path) as stream:
         return stream.read()
 
 
 def write_bytes_atomic(location: Location, data: bytes) -> None:
     """Write so that readers see the old object or the whole new one, never a partial one."""
+    with user_facing_errors(location, "write"):
+        _write_bytes_atomic(location, data)
+
+
+def _write_bytes_atomic(location: Location, data: bytes) -> None:
     if location.is_local:
         parent = str(PurePosixPath(location.path).parent)
         location.filesystem.create_dir(parent, recursive=True)
@@ -153,30 +201,87 @@ def s3_client(endpoint_url: str | None):
         "s3",
         endpoint_url=endpoint_url,
         region_name=region_from_environment(),
-        config=Config(max_pool_connections=32, retries={"max_attempts": 5, "mode": "standard"}),
+        # Retries (botocore's standard mode: throttling, 5xx, resets) and bounded waits per attempt.
+        config=Config(
+            max_pool_connections=32, retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60
+        ),
     )
 
 
-def read_object(location: Location) -> bytes:
-    """Bytes of one file or object; a missing or unreadable object raises OSError, as a file would."""
+class FileTooLargeError(OSError):
+    """An image file over the configured byte limit: never read whole."""
+
+
+def read_local_file(path: str, max_bytes: int) -> bytes:
+    """At most `max_bytes` of one regular file. A FIFO, device or socket would block or never end:
+    they are refused before anything is read. Symlinks are followed, to regular files only (the check
+    is on the opened file). The size is checked before reading and counted while reading, since a
+    file can grow or its reported size be wrong (/proc)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(f"not a regular file ({_file_kind(status.st_mode)})")
+        if status.st_size > max_bytes:
+            raise FileTooLargeError(f"file of {status.st_size} bytes exceeds max_image_bytes ({max_bytes})")
+        with os.fdopen(descriptor, "rb", closefd=True) as handle:
+            descriptor = -1
+            data = handle.read(max_bytes + 1)
+    finally:
+        if descriptor >= 0:
+            os.close(descriptor)
+    if len(data) > max_bytes:
+        raise FileTooLargeError(f"file grew past max_image_bytes ({max_bytes}) while it was read")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):  # fmt: skip
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def read_object(location: Location, max_bytes: int) -> bytes:
+    """At most `max_bytes` of one file or object; a missing, unreadable or too large one raises
+    OSError, as a file would."""
     if location.is_local:
-        return read_bytes(location)
+        return read_local_file(location.path, max_bytes)
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, key = location.path.partition("/")
     try:
-        return s3_client(location.endpoint_url).get_object(Bucket=bucket, Key=key)["Body"].read()
+        response = s3_client(location.endpoint_url).get_object(Bucket=bucket, Key=key)
+        body = response["Body"]
+        try:
+            if response.get("ContentLength", 0) > max_bytes:
+                raise FileTooLargeError(
+                    f"s3://{location.path}: object of {response['ContentLength']} bytes exceeds max_image_bytes ({max_bytes})"
+                )
+            data = body.read(max_bytes + 1)
+        finally:
+            body.close()
     except ClientError as error:
         raise OSError(f"s3://{location.path}: {error.response.get('Error', {}).get('Code', 'error')}") from None
     except BotoCoreError as error:
         raise OSError(f"s3://{location.path}: {error}") from None
+    if len(data) > max_bytes:
+        raise FileTooLargeError(f"s3://{location.path}: object exceeds max_image_bytes ({max_bytes})")
+    return data
 
 
 def iter_files(root: Location) -> Iterator[str]:
     """Yield the path of every file under `root`, relative to it, one listing page at a time.
 
-    Nothing is read but names: no object bodies, and no second copy of the listing.
+    Nothing is read but names: no object bodies, and no second copy of the listing. Object keys
+    come back exactly as stored.
     """
+    with user_facing_errors(root, "list"):
+        yield from _iter_files(root)
+
+
+def _iter_files(root: Location) -> Iterator[str]:
     if root.is_local:
         for directory, subdirectories, files in os.walk(root.path):
             subdirectories.sort()

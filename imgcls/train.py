@@ -572,6 +572,7 @@ def _decode_data(config: JobConfig, train_images, val_images):
         image_size=tuple(config.data.image_size),
         channels=config.data.channels,
         max_pixels=config.data.max_image_pixels,
+        max_bytes=config.data.max_image_bytes,
         decode_batch_size=config.data.decode_batch_size,
         seed=config.seed,
         endpoint_url=config.storage.endpoint_url,
