@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--overwrite", action="store_true", help="Reclassify everything and replace the output (default: only new images)."
     )
+    predict.add_argument(
+        "--allow-foreign-files",
+        action="store_true",
+        help="Write into an output that holds files imgcls did not write; they are left alone (default: exit 2).",
+    )
     _add_set_option(predict)
 
     evaluate = verbs.add_parser("evaluate", help="Measure a model on labelled images: metrics, figures, report.")
@@ -89,8 +94,9 @@ def _predict(arguments: argparse.Namespace) -> None:
     for option in ("batch_size", "min_score", "rows_per_file", "partition_by"):
         if getattr(arguments, option) is not None:
             values[option] = getattr(arguments, option)
-    if arguments.overwrite:
-        values["overwrite"] = True
+    for flag in ("overwrite", "allow_foreign_files"):
+        if getattr(arguments, flag):
+            values[flag] = True
     values = merge(values, parse_overrides(arguments.overrides))
     summary = predict.run(build_model(PredictConfig, values, "predict arguments"))
     print(

@@ -2,20 +2,28 @@
 
 Layout under the output URI:
     [run_date=YYYY-MM-DD/]run-<run_id>/part-*.parquet   committed runs (what readers see)
+    [run_date=YYYY-MM-DD/]run-<run_id>/_run.json        the marker that proves imgcls wrote the run
     _staging/<run_id>/                                   a run being written (hidden from readers)
     _runs/<run_id>.json                                  one record per run: input, model, counts, times, status
-Readers (pyarrow.dataset, pandas, Ray Data) skip `_`-prefixed folders, so only committed runs are
-visible. On a local or network file system a run appears in one directory rename: all or nothing.
-Object stores have no rename: each file is copied in (each copy atomic), so a reader listing in the
-instant of a commit may see part of that run; the run record is written last and marks it complete.
-One writer per output at a time is assumed (a nightly job), and a new run discards stale staging.
+    _lock                                                the one writer's lease (see `imgcls.output_lease`)
+Readers (pyarrow.dataset, pandas, Ray Data) skip `_`-prefixed files and folders, so only committed
+runs are visible. On a local or network file system a run appears in one directory rename: all or
+nothing. Object stores have no rename: each file is copied in (each copy atomic), so a reader listing
+in the instant of a commit may see part of that run; the run record is written last and marks it complete.
+
+Ownership: a run folder is imgcls's only when its `_run.json` names its run id and `_runs/` holds
+that run's record (runs committed before markers existed: when their record lists every file in
+the folder). Only such folders are ever read, rewritten or deleted; anything else under the output
+is the user's and is left alone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -23,11 +31,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from imgcls import storage
+from imgcls.errors import DataError, clip
 
 logger = logging.getLogger(__name__)
 
 STAGING = "_staging"
 RUNS = "_runs"
+RUN_MARKER = "_run.json"
+LEASE_FILES = ("_lock", "_lock.update")
+RUN_FOLDER = re.compile(r"^run-(?P<run_id>[0-9]{8}T[0-9]{9}Z-[0-9a-f]{8})$")
 
 
 def new_run_id() -> str:
@@ -39,53 +51,192 @@ def new_run_id() -> str:
 
 def _child_directories(location: storage.Location) -> list[str]:
     selector = pafs.FileSelector(location.path, allow_not_found=True)
-    return [info.path for info in location.filesystem.get_file_info(selector) if info.type == pafs.FileType.Directory]
+    with storage.user_facing_errors(location, "list"):
+        infos = location.filesystem.get_file_info(selector)
+    return [info.path for info in infos if info.type == pafs.FileType.Directory]
 
 
 def _files_under(location: storage.Location) -> list[str]:
     selector = pafs.FileSelector(location.path, recursive=True, allow_not_found=True)
-    return sorted(info.path for info in location.filesystem.get_file_info(selector) if info.type == pafs.FileType.File)
+    with storage.user_facing_errors(location, "list"):
+        infos = location.filesystem.get_file_info(selector)
+    return sorted(info.path for info in infos if info.type == pafs.FileType.File)
+
+
+def _relative(output: storage.Location, path: str) -> str:
+    return path[len(output.path) :].lstrip("/")
+
+
+def _read_json(location: storage.Location) -> dict[str, Any] | None:
+    try:
+        loaded = json.loads(storage.read_bytes(location))
+    except (ValueError, storage.StorageError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def write_run_record(output: storage.Location, run_id: str, record: dict[str, Any]) -> None:
     storage.write_text_atomic(output.join(RUNS, f"{run_id}.json"), json.dumps(record, indent=2))
 
 
+def begin_staging(output: storage.Location, run_id: str, model_version: str) -> storage.Location:
+    """The run's staging folder, with the marker that proves it (and, once committed, its run
+    folder) is imgcls's."""
+    staging = output.join(STAGING, run_id)
+    marker = {"run_id": run_id, "model_version": model_version, "written_by": "imgcls", "started": now()}
+    storage.write_text_atomic(staging.join(RUN_MARKER), json.dumps(marker, indent=2))
+    return staging
+
+
+def _marker_names(folder: storage.Location, run_id: str) -> bool:
+    marker = _read_json(folder.join(RUN_MARKER))
+    return marker is not None and marker.get("run_id") == run_id
+
+
 def discard_stale_staging(output: storage.Location) -> None:
-    """Remove what killed runs left in _staging; their records are marked abandoned."""
+    """Remove what killed runs left in _staging (called under the output's lease, so no live run owns
+    any of it); their records are marked abandoned. A folder there that imgcls cannot prove it wrote
+    (no marker naming it, no run record) is left alone."""
     for path in _child_directories(output.join(STAGING)):
         run_id = path.rstrip("/").rsplit("/", 1)[-1]
-        output.filesystem.delete_dir(path)
+        folder = storage.Location(output.filesystem, path, output.endpoint_url)
         record_location = output.join(RUNS, f"{run_id}.json")
-        if storage.exists(record_location):
-            record = json.loads(storage.read_bytes(record_location))
-            if record.get("status") == "running":
-                record["status"] = "abandoned"
-                write_run_record(output, run_id, record)
+        record = _read_json(record_location) if storage.exists(record_location) else None
+        if record is None and not _marker_names(folder, run_id):
+            logger.warning("left %s alone in %s: imgcls did not write it", run_id, output.join(STAGING).uri)
+            continue
+        with storage.user_facing_errors(folder, "remove the stale staging folder"):
+            output.filesystem.delete_dir(path)
+        if record is not None and record.get("status") == "running":
+            record["status"] = "abandoned"
+            write_run_record(output, run_id, record)
         logger.info("discarded the unfinished run %s left in %s", run_id, output.join(STAGING).uri)
 
 
+@dataclass
+class OutputContents:
+    """What one listing of an output holds: imgcls's committed runs (run id -> folder and files, in
+    run order) and the files imgcls did not write."""
+
+    runs: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    foreign: list[str] = field(default_factory=list)
+
+    def parquet_files(self) -> list[str]:
+        return [path for _, (_, files) in sorted(self.runs.items()) for path in files if path.endswith(".parquet")]
+
+
+def survey(output: storage.Location) -> OutputContents:
+    """Sort every file under the output into imgcls's (records, lease, staging, owned runs) and foreign."""
+    files = _files_under(output)
+    records = {
+        _relative(output, path)[len(RUNS) + 1 : -len(".json")]
+        for path in files
+        if _relative(output, path).startswith(f"{RUNS}/") and path.endswith(".json")
+    }
+    candidates: dict[str, tuple[str, list[str]]] = {}
+    foreign: list[str] = []
+    for path in files:
+        parts = _relative(output, path).split("/")
+        if parts[0] in (RUNS, STAGING) or (len(parts) == 1 and parts[0] in LEASE_FILES):
+            continue
+        run_part = 1 if len(parts) >= 3 and _is_partition(parts[0]) else 0
+        match = RUN_FOLDER.match(parts[run_part]) if len(parts) > run_part + 1 else None
+        if match is None:
+            foreign.append(path)
+            continue
+        folder = "/".join([output.path.rstrip("/"), *parts[: run_part + 1]])
+        candidates.setdefault(match["run_id"], (folder, []))[1].append(path)
+    contents = OutputContents(foreign=foreign)
+    for run_id, (folder, run_files) in candidates.items():
+        if _run_is_owned(output, run_id, folder, run_files, run_id in records):
+            contents.runs[run_id] = (folder, sorted(path for path in run_files if not path.endswith(RUN_MARKER)))
+        else:
+            contents.foreign.extend(run_files)
+    return contents
+
+
+def _is_partition(name: str) -> bool:
+    return "=" in name and not name.startswith(("_", "."))
+
+
+def _run_is_owned(output: storage.Location, run_id: str, folder: str, files: list[str], has_record: bool) -> bool:
+    if not has_record:
+        return False
+    location = storage.Location(output.filesystem, folder, output.endpoint_url)
+    if any(path.endswith(f"/{RUN_MARKER}") for path in files):
+        return _marker_names(location, run_id)
+    # Runs committed before run markers: the record must list every file of the folder.
+    record = _read_json(output.join(RUNS, f"{run_id}.json")) or {}
+    listed = {uri.removeprefix("s3://") for uri in record.get("files", [])}
+    return bool(files) and set(files) <= listed
+
+
+def refuse_foreign_files(output: storage.Location, contents: OutputContents) -> None:
+    if contents.foreign:
+        examples = ", ".join(clip(_relative(output, path), 120) for path in contents.foreign[:3])
+        raise DataError(
+            f"Output {output.uri} holds {len(contents.foreign)} file(s) that imgcls did not write (e.g. {examples}). "
+            "Predictions go to a folder of their own: choose an empty or imgcls output folder, or pass "
+            "--allow-foreign-files (--set allow_foreign_files=true) to write beside them; they are then left "
+            "alone, never read or deleted."
+        )
+
+
 def committed_files(output: storage.Location) -> list[str]:
-    """Paths of every committed Parquet file (everything outside `_` and `.` folders)."""
-    files = []
-    for path in _files_under(output):
-        relative = path[len(output.path) :].lstrip("/")
-        if path.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in relative.split("/")):
-            files.append(path)
-    return files
+    """Paths of every committed Parquet file of imgcls's runs, in run order."""
+    return survey(output).parquet_files()
 
 
-def done_paths(output: storage.Location, model_version: str) -> set[str]:
-    """Image paths already classified by `model_version` in committed runs (only two columns are read)."""
+def done_paths(output: storage.Location, model_version: str, contents: OutputContents | None = None) -> set[str]:
+    """Image paths already classified by `model_version` in committed runs without an error: an image
+    whose row has an error is tried again by the next run (only three columns are read)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    files = committed_files(output)
+    files = (contents or survey(output)).parquet_files()
     if not files:
         return set()
     dataset = pads.dataset(files, filesystem=output.filesystem, format="parquet")
-    table = dataset.to_table(columns=["path"], filter=pc.field("model_version") == model_version)
+    table = dataset.to_table(
+        columns=["path"], filter=(pc.field("model_version") == model_version) & pc.field("error").is_null()
+    )
     return set(table.column("path").to_pylist())
+
+
+def supersede_older_rows(output: storage.Location, model_version: str, contents: OutputContents | None = None) -> int:
+    """Keep one visible row per image and model version, the newest: rows of earlier runs for an
+    image that a later run classified again (a retried error) are removed from their files. Each
+    rewritten file is replaced atomically; returns the number of rows removed."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    contents = contents or survey(output)
+    newest_file: dict[str, int] = {}
+    files = contents.parquet_files()
+    paths_by_file: list[list[str]] = []
+    for position, path in enumerate(files):
+        with storage.user_facing_errors(output, "read"), output.filesystem.open_input_file(path) as handle:
+            table = pq.read_table(handle, columns=["path", "model_version"])
+        paths = [p for p, version in zip(table.column("path").to_pylist(), table.column("model_version").to_pylist())
+                 if version == model_version]  # fmt: skip
+        paths_by_file.append(paths)
+        for image in paths:
+            newest_file[image] = position
+    removed = 0
+    for position, (path, paths) in enumerate(zip(files, paths_by_file)):
+        stale = {image for image in paths if newest_file[image] != position}
+        if not stale:
+            continue
+        with storage.user_facing_errors(output, "read"), output.filesystem.open_input_file(path) as handle:
+            table = pq.read_table(handle)
+        superseded = pc.and_(pc.equal(table.column("model_version"), model_version),
+                             pc.is_in(table.column("path"), pa.array(sorted(stale), pa.string())))  # fmt: skip
+        kept = table.filter(pc.invert(superseded))
+        storage.write_parquet_atomic(storage.Location(output.filesystem, path, output.endpoint_url), kept)
+        removed += table.num_rows - kept.num_rows
+    if removed:
+        logger.info("replaced %d earlier row(s) of images classified again (retried errors)", removed)
+    return removed
 
 
 # Rows per Parquet row group: the actor pool hands back a block (about 1,000 rows) at a time, and a
@@ -153,42 +304,35 @@ def write_staged_files(
 
 
 def commit(output: storage.Location, staging: storage.Location, run_id: str, partition: str | None) -> list[str]:
-    """Make the staged run visible: one rename on a file system, file by file on an object store."""
+    """Make the staged run visible: one rename on a file system, file by file on an object store.
+    Returns the run's Parquet files (its marker moves along but is not listed)."""
     parent = output.join(partition) if partition else output
     target = parent.join(f"run-{run_id}")
     staged = _files_under(staging)
-    if output.is_local:
-        output.filesystem.create_dir(parent.path, recursive=True)
-        output.filesystem.move(staging.path, target.path)
-    else:
-        for path in staged:
-            output.filesystem.move(path, target.join(path[len(staging.path) :].lstrip("/")).path)
-        output.filesystem.delete_dir(staging.path)
-    staging_root = output.join(STAGING)
-    if not _child_directories(staging_root) and not _files_under(staging_root):
-        output.filesystem.delete_dir(staging_root.path)  # object stores keep an empty marker behind
-    return [target.join(path[len(staging.path) :].lstrip("/")).uri for path in staged]
+    with storage.user_facing_errors(output, "commit the run to"):
+        if output.is_local:
+            output.filesystem.create_dir(parent.path, recursive=True)
+            output.filesystem.move(staging.path, target.path)
+        else:
+            # The marker first: a commit cut short leaves a folder that is still provably imgcls's, and
+            # its rows count as done (each image stays once: the rest is classified by the next run).
+            for path in sorted(staged, key=lambda path: not path.endswith(RUN_MARKER)):
+                output.filesystem.move(path, target.join(path[len(staging.path) :].lstrip("/")).path)
+            output.filesystem.delete_dir(staging.path)
+        staging_root = output.join(STAGING)
+        if not _child_directories(staging_root) and not _files_under(staging_root):
+            output.filesystem.delete_dir(staging_root.path)  # object stores keep an empty marker behind
+    return [target.join(path[len(staging.path) :].lstrip("/")).uri for path in staged if not path.endswith(RUN_MARKER)]
 
 
-def committed_run_directories(output: storage.Location) -> list[str]:
-    """`run-<id>` folders, directly under the output or inside `run_date=` partitions."""
-    runs = []
-    for path in _child_directories(output):
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("run-"):
-            runs.append(path)
-        elif "=" in name and not name.startswith(("_", ".")):
-            runs += [child for child in _child_directories(storage.Location(output.filesystem, path, output.endpoint_url))
-                     if child.rstrip("/").rsplit("/", 1)[-1].startswith("run-")]  # fmt: skip
-    return sorted(runs)
-
-
-def remove_other_runs(output: storage.Location, run_id: str) -> int:
-    """--overwrite: drop every committed run but `run_id`; returns how many runs went."""
+def remove_other_runs(output: storage.Location, run_id: str, contents: OutputContents | None = None) -> int:
+    """--overwrite: drop every committed imgcls run but `run_id`; returns how many runs went. Folders
+    imgcls cannot prove it wrote are never touched."""
     removed = 0
-    for path in committed_run_directories(output):
-        if not path.rstrip("/").endswith(f"run-{run_id}"):
-            output.filesystem.delete_dir(path)
+    for other, (folder, _) in (contents or survey(output)).runs.items():
+        if other != run_id:
+            with storage.user_facing_errors(output, "remove an earlier run from"):
+                output.filesystem.delete_dir(folder)
             removed += 1
     return removed
 

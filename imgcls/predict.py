@@ -182,27 +182,67 @@ def _count_rows(files: list[str], endpoint_url: str | None) -> tuple[int, int]:
 
 def run(config: PredictConfig) -> PredictSummary:
     """Classify every image under `config.input` not yet in `config.output` for this model version,
-    and commit one Parquet row per image as one run (see `imgcls.output_runs`)."""
+    and commit one Parquet row per image as one run (see `imgcls.output_runs`). The run holds the
+    output's lease (`imgcls.output_lease`) from before it reads what is done until its commit."""
     from imgcls import output_runs
     from imgcls.artifact import read_metadata
     from imgcls.data import list_prediction_inputs
+    from imgcls.output_lease import OutputLease
 
     started = time.perf_counter()
     endpoint_url = config.storage.endpoint_url
     metadata = read_metadata(config.model, endpoint_url)
+    output = storage.resolve(config.output, endpoint_url)
+    _check_input_and_output(config, output)
     listing = list_prediction_inputs(config.input, endpoint_url)
     if not listing.paths:
         raise DataError(f"No images found under {config.input} ({listing.ignored} non-image or hidden files ignored).")
-    output = storage.resolve(config.output, endpoint_url)
-    output_runs.discard_stale_staging(output)
-    done = set() if config.overwrite else output_runs.done_paths(output, metadata.model_version)
-    todo = [path for path in listing.paths if path not in done]
+    if not config.allow_foreign_files:
+        output_runs.refuse_foreign_files(output, output_runs.survey(output))
     run_id = output_runs.new_run_id()
+    with OutputLease(output, run_id, config.lock_ttl_s, config.lock_wait_s) as lease:
+        return _run_holding_lease(config, metadata, listing, output, run_id, lease, started)
+
+
+def _check_input_and_output(config: PredictConfig, output: storage.Location) -> None:
+    """Input and output compared as the places they resolve to (symlinks followed): never the same,
+    and with --overwrite neither inside the other."""
+    input_location = storage.resolve(config.input, config.storage.endpoint_url)
+    if input_location.is_local != output.is_local:
+        return
+    if output.is_local:
+        inside = os.path.realpath(input_location.path), os.path.realpath(output.path)
+    elif input_location.endpoint_url == output.endpoint_url:
+        inside = input_location.path.rstrip("/"), output.path.rstrip("/")
+    else:
+        return
+    input_path, output_path = inside
+    if input_path == output_path:
+        raise UserError(f"--output {config.output} is the input folder itself: predictions would mix with the images.")
+    if config.overwrite and (input_path.startswith(output_path + "/") or output_path.startswith(input_path + "/")):
+        raise UserError(
+            f"--overwrite with --input {config.input} and --output {config.output}, one inside the other: "
+            "use an output folder of its own."
+        )
+
+
+def _run_holding_lease(config: PredictConfig, metadata, listing, output, run_id: str, lease, started: float) -> PredictSummary:
+    from imgcls import output_runs
+
+    endpoint_url = config.storage.endpoint_url
+    output_runs.discard_stale_staging(output)
+    contents = output_runs.survey(output)
+    superseded = 0
+    if not config.overwrite:  # also repairs a run that committed but died before replacing older rows
+        superseded = output_runs.supersede_older_rows(output, metadata.model_version, contents)
+    done = set() if config.overwrite else output_runs.done_paths(output, metadata.model_version, contents)
+    todo = [path for path in listing.paths if path not in done]
     placement = choose_placement(len(todo), config)
     record = {
         "run_id": run_id, "status": "running", "input": config.input, "output": output.uri,
         "model": config.model, "model_version": metadata.model_version, "overwrite": config.overwrite,
         "images_listed": len(listing.paths), "already_done": len(listing.paths) - len(todo),
+        "duplicates_dropped": listing.duplicates,
         "model_placement": placement.kind, "placement_reason": placement.reason,
         "started": output_runs.now(),
     }  # fmt: skip
@@ -215,13 +255,15 @@ def run(config: PredictConfig) -> PredictSummary:
     rows = errored = 0
     try:
         if todo:
-            files = _classify(config, metadata, todo, output, run_id, placement)
+            files = _classify(config, metadata, todo, output, run_id, placement, lease)
             rows, errored = _count_rows(files, endpoint_url)
             if rows != len(todo):
                 raise RuntimeError(f"wrote {rows} prediction rows for {len(todo)} images")
         if config.overwrite:
             removed = output_runs.remove_other_runs(output, run_id)
-            logger.info("--overwrite: removed %d earlier run(s)", removed)
+            logger.info("--overwrite: removed %d earlier imgcls run(s)", removed)
+        elif todo:
+            superseded += output_runs.supersede_older_rows(output, metadata.model_version)
     except BaseException as error:
         record.update(status="failed", error=f"{type(error).__name__}: {error}", finished=output_runs.now())
         output_runs.write_run_record(output, run_id, record)
@@ -241,7 +283,7 @@ def run(config: PredictConfig) -> PredictSummary:
     )
     record.update(
         status="succeeded", finished=output_runs.now(), classified=summary.classified, errored=errored,
-        seconds=summary.seconds, images_per_second=summary.images_per_second, files=files,
+        superseded_rows=superseded, seconds=summary.seconds, images_per_second=summary.images_per_second, files=files,
     )  # fmt: skip
     output_runs.write_run_record(output, run_id, record)
     logger.info(
@@ -430,6 +472,7 @@ def decoded_on_threads(
     arguments = {
         "image_size": tuple(metadata.image_size), "channels": metadata.channels,
         "max_pixels": config.max_image_pixels, "endpoint_url": config.storage.endpoint_url,
+        "max_bytes": config.max_image_bytes,
     }  # fmt: skip
     pending: deque = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgcls-decode") as pool:
@@ -474,6 +517,7 @@ def _pool_dataset(
     decoded = decoded_dataset(
         paths, None, tuple(metadata.image_size), metadata.channels, config.max_image_pixels,
         config.decode_batch_size, config.storage.endpoint_url, num_cpus=DECODE_TASK_CPUS, rows_per_block=rows_per_block,
+        max_bytes=config.max_image_bytes,
     )  # fmt: skip
     # Ray Data's default reserves half the CPUs in equal shares per operator, which held decoding to
     # one task beside an actor that mostly waits (20,000 images: 574 images/s without, 467 with).
@@ -494,14 +538,17 @@ def _pool_dataset(
     )
 
 
-def _classify(config: PredictConfig, metadata, paths: list[str], output, run_id: str, placement: ModelPlacement) -> list[str]:
-    """Run the streaming pipeline for `paths` into the run's staging folder, then commit it."""
+def _classify(
+    config: PredictConfig, metadata, paths: list[str], output, run_id: str, placement: ModelPlacement, lease
+) -> list[str]:
+    """Run the streaming pipeline for `paths` into the run's staging folder, then commit it (only
+    while this run still holds the output's lease)."""
     from imgcls import output_runs
 
     predictions = prediction_batches(
         config, metadata, paths, config.top_k or min(5, len(metadata.class_names)), config.min_score, placement
     )
-    staging = output.join(output_runs.STAGING, run_id)
+    staging = output_runs.begin_staging(output, run_id, metadata.model_version)
     output_runs.write_staged_files(
         predictions,
         staging,
@@ -511,4 +558,5 @@ def _classify(config: PredictConfig, metadata, paths: list[str], output, run_id:
     partition = None
     if config.partition_by == "run_date":
         partition = f"run_date={datetime.now(timezone.utc).strftime('%Y-%m-%d')}"
+    lease.verify()
     return output_runs.commit(output, staging, run_id, partition)
