@@ -137,3 +137,18 @@ def trained_one_worker(ray_session, pattern_dataset, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("run_one_worker")
     config = load_job_config(None, tiny_job_overrides(pattern_dataset, output_dir, workers=1))
     return train.run(config), output_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> str:
+    """A real imgcls artifact of the tutorial CNN for 16x16 RGB and two classes, with its initial
+    weights, made without Ray or training: for tests of what prediction does around the model."""
+    from imgcls.artifact import save_artifact
+    from imgcls.models import create_seed_cnn
+
+    uri = str(tmp_path_factory.mktemp("tiny_artifact") / "model")
+    model = create_seed_cnn((IMAGE_SIZE, IMAGE_SIZE), 3, 2)
+    fields = {"class_names": ["horizontal", "vertical"], "image_size": (IMAGE_SIZE, IMAGE_SIZE), "channels": 3,
+              "task": "binary", "model_name": "seed_cnn"}  # fmt: skip
+    save_artifact(model, fields, uri)
+    return uri
