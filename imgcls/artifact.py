@@ -6,17 +6,28 @@ import hashlib
 import json
 import secrets
 import tempfile
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgcls import storage
-from imgcls.errors import UserError
+from imgcls.config import MAX_IMAGE_SIDE  # training's own bound: every artifact it writes fits
+from imgcls.errors import SHOWN_VALUE_LIMIT, UserError, clip, shorten
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
+# Validation problems listed in one message at most; the rest are counted.
+LISTED_PROBLEMS = 5
+
+
+def _quoted(value: Any, limit: int = SHOWN_VALUE_LIMIT) -> str:
+    """A user's value as it reads in metadata.json (JSON for lists), cut to `limit` characters."""
+    if isinstance(value, (list, tuple)):
+        return clip(json.dumps(list(value), default=repr), limit)
+    return shorten(value, limit)
 
 
 class ArtifactMetadata(BaseModel):
@@ -35,6 +46,43 @@ class ArtifactMetadata(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict, description="Final training and validation metrics.")
     config: dict[str, Any] = Field(default_factory=dict, description="The resolved training config.")
     data_summary: dict[str, Any] = Field(default_factory=dict, description="Images used and skipped per split.")
+
+    @field_validator("class_names")
+    @classmethod
+    def _class_names_usable(cls, names: list[str]) -> list[str]:
+        # Index i names output i: an empty, blank or repeated name makes some prediction unreadable.
+        if not names:
+            raise ValueError("must list at least one class name, got []")
+        if any(not name for name in names):
+            raise ValueError(f"every class name must be a non-empty string, got {_quoted(names)}")
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"class names must be unique, {_quoted(duplicates)} repeated")
+        return names
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_in_range(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if not all(1 <= side <= MAX_IMAGE_SIDE for side in size):
+            raise ValueError(f"each side must be between 1 and {MAX_IMAGE_SIDE} pixels, got {list(size)}")
+        return size
+
+    @field_validator("channels")
+    @classmethod
+    def _channels_known(cls, channels: int) -> int:
+        if channels not in (1, 3):
+            raise ValueError(f"must be 1 (greyscale) or 3 (RGB), got {channels}")
+        return channels
+
+    @model_validator(mode="after")
+    def _task_fits_class_count(self) -> "ArtifactMetadata":
+        # A binary model has one sigmoid output for class_names[1]; a softmax needs two or more.
+        count = len(self.class_names)
+        if self.task == "binary" and count != 2:
+            raise ValueError(f"task: binary needs exactly 2 class names, got {count}")
+        if self.task == "multiclass" and count < 2:
+            raise ValueError(f"task: multiclass needs at least 2 class names, got {count}")
+        return self
 
 
 def make_model_version(model_bytes: bytes, created_at: datetime) -> str:
@@ -75,15 +123,107 @@ def read_metadata(artifact_uri: str, endpoint_url: str | None = None) -> Artifac
         )
     try:
         return ArtifactMetadata.model_validate(json.loads(storage.read_bytes(metadata_location)))
-    except (ValueError, ValidationError) as error:
-        raise UserError(f"{metadata_location.uri} is not valid imgcls artifact metadata: {error}") from None
+    except ValidationError as error:
+        raise UserError(
+            f"{metadata_location.uri} is not valid imgcls artifact metadata: {_validation_problems(error)}."
+        ) from None
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise UserError(
+            f"{metadata_location.uri} is not valid imgcls artifact metadata: not a JSON document "
+            f"({clip(str(error))})."
+        ) from None
+
+
+def _validation_problems(error: ValidationError) -> str:
+    """One short clause per bad field (`image_size: each side must be ...`), not pydantic's whole dump."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        field = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] not in ("value_error", "missing") and problem["loc"]:
+            # Pydantic's own messages do not say what was found.
+            message += f", got {_quoted(problem['input'], 80)}"
+        problems.append(f"{field}: {message}" if field else message)
+    listed = "; ".join(problems[:LISTED_PROBLEMS])
+    more = len(problems) - LISTED_PROBLEMS
+    return listed + (f"; and {more} more problem(s)" if more > 0 else "")
+
+
+def _is_safe_mode_refusal(error: Exception) -> bool:
+    # Keras refuses a Lambda layer (or other code-carrying object) with a ValueError that tells how to
+    # allow it (possibly nested in another layer's TypeError); that refusal passes through unchanged,
+    # as before, rather than being called damage.
+    return "safe_mode=False" in str(error)
+
+
+def _first_line(error: BaseException) -> str:
+    # Keras nests each layer's failure as "... Exception encountered: <inner>"; the innermost says why.
+    innermost = str(error).rsplit("Exception encountered: ", 1)[-1]
+    lines = innermost.strip().splitlines()
+    return clip(f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
+
+
+def _load_keras_file(local_model: Path, model_uri: str):
+    import keras
+
+    def damaged(reason: str) -> UserError:
+        return UserError(
+            f"the model file {model_uri} is damaged ({reason}). Copy the artifact again from where training "
+            "wrote it, or train again."
+        )
+
+    # Keras reports a file that is not a zip archive as "File not found", which misleads.
+    if not zipfile.is_zipfile(local_model):
+        raise damaged(f"not a zip archive: {local_model.stat().st_size} bytes, truncated or not a .keras file")
+    try:
+        return keras.saving.load_model(local_model, compile=False, safe_mode=True)
+    except MemoryError:
+        raise
+    except Exception as error:
+        if _is_safe_mode_refusal(error):
+            raise
+        raise damaged(_first_line(error)) from None
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join("None" if side is None else str(side) for side in shape) + ")"
+
+
+def check_model_fits_metadata(model, metadata: ArtifactMetadata, artifact_uri: str) -> None:
+    """Raise UserError unless the model takes (batch, height, width, channels) images of the metadata's
+    size and gives one score per class (one sigmoid for binary): otherwise it would predict garbage."""
+    inputs = list(getattr(model, "inputs", None) or [])
+    outputs = list(getattr(model, "outputs", None) or [])
+    where = f"The model in {artifact_uri}"
+    if len(inputs) != 1:
+        raise UserError(f"{where} has {len(inputs)} inputs; an imgcls model has exactly one (the image batch).")
+    if len(outputs) != 1:
+        raise UserError(f"{where} has {len(outputs)} outputs; an imgcls model has exactly one (the class scores).")
+    input_shape = tuple(inputs[0].shape)
+    expected_input = (None, *metadata.image_size, metadata.channels)
+    # None in the model means any size fits that dimension.
+    if len(input_shape) != 4 or any(
+        side is not None and side != wanted for side, wanted in zip(input_shape[1:], expected_input[1:])
+    ):
+        raise UserError(
+            f"{where} takes input of shape {_shape_text(input_shape)}, but its {METADATA_FILE} says "
+            f"image_size {list(metadata.image_size)} with {metadata.channels} channel(s), "
+            f"i.e. {_shape_text(expected_input)}."
+        )
+    output_shape = tuple(outputs[0].shape)
+    classes = len(metadata.class_names)
+    width = 1 if metadata.task == "binary" else classes
+    if len(output_shape) != 2 or output_shape[1] != width:
+        meaning = "one sigmoid score" if metadata.task == "binary" else "one score per class name"
+        raise UserError(
+            f"{where} gives output of shape {_shape_text(output_shape)}, but its {METADATA_FILE} says task "
+            f"{metadata.task} with {classes} class names, which needs (None, {width}): {meaning}."
+        )
 
 
 def load_artifact(artifact_uri: str, endpoint_url: str | None = None):
     """Return (keras model, metadata). The .keras file is loaded in safe mode: no arbitrary code runs,
-    and nothing from the bucket is ever unpickled."""
-    import keras
-
+    and nothing from the bucket is ever unpickled. A model that does not fit its metadata is refused."""
     import imgcls.backbones  # noqa: F401  (registers the custom preprocessing layer for safe loading)
 
     metadata = read_metadata(artifact_uri, endpoint_url)
@@ -93,5 +233,6 @@ def load_artifact(artifact_uri: str, endpoint_url: str | None = None):
     with tempfile.TemporaryDirectory(prefix="imgcls-load-") as scratch:
         local_model = Path(scratch) / MODEL_FILE
         local_model.write_bytes(storage.read_bytes(model_location))
-        model = keras.saving.load_model(local_model, compile=False, safe_mode=True)
+        model = _load_keras_file(local_model, model_location.uri)
+    check_model_fits_metadata(model, metadata, artifact_uri)
     return model, metadata
