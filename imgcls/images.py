@@ -6,12 +6,19 @@ Kept free of Ray so it can be tested and reused on its own; `data.py` maps it ov
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Pixels rescaled at a time from 16/32-bit to 8-bit: about 1 MB of float32 per band of rows.
+CHUNK_PIXELS = 1 << 18
+
+# Our own pixel limit in decode_image replaces Pillow's warning for large images. Set once for the
+# process: warnings.catch_warnings() per call is not thread-safe, and decoding runs on several threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageDecodeError(Exception):
@@ -23,15 +30,41 @@ def has_image_extension(name: str) -> bool:
     return dot >= 0 and name[dot:].lower() in IMAGE_EXTENSIONS
 
 
+def _row_bands(image: Image.Image):
+    """The image as native numpy arrays of a few rows each: never the whole image outside Pillow."""
+    rows = max(1, CHUNK_PIXELS // max(image.width, 1))
+    for top in range(0, image.height, rows):
+        bottom = min(top + rows, image.height)
+        yield top, bottom, np.asarray(image.crop((0, top, image.width, bottom)))
+
+
 def _to_eight_bit(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit greyscale would be clipped by Pillow's convert; rescale them instead."""
-    pixels = np.asarray(image, dtype=np.float64)
-    low, high = float(pixels.min()), float(pixels.max())
-    if high > low:
-        pixels = (pixels - low) * (255.0 / (high - low))
-    else:
-        pixels = np.zeros_like(pixels)
-    return Image.fromarray(pixels.round().astype(np.uint8), mode="L")
+    """16-bit and 32-bit greyscale would be clipped by Pillow's convert; rescale them instead:
+    round((p - low) * 255 / (high - low)), in bands of rows so memory stays bounded (a float64 copy
+    of a 9400x9400 16-bit image alone was 700 MB)."""
+    low = high = None
+    for _, _, values in _row_bands(image):
+        band_low, band_high = values.min(), values.max()
+        # min() with NaN anywhere gives NaN, which (as before) turns the whole image black below.
+        low = band_low if low is None else np.minimum(low, band_low)
+        high = band_high if high is None else np.maximum(high, band_high)
+    eight_bit = np.zeros((image.height, image.width), dtype=np.uint8)
+    if low is None or not (np.isfinite(low) and np.isfinite(high)) or high <= low:
+        return Image.fromarray(eight_bit)
+    integer = np.asarray(low).dtype.kind in "iu"
+    low_value = int(low) if integer else float(low)
+    scale = np.float32(255.0 / (float(high) - float(low)))
+    for top, bottom, values in _row_bands(image):
+        if integer:
+            # Subtract in int64 first: 32-bit values near 2**31 would lose their low bits as float32.
+            shifted = np.subtract(values, low_value, dtype=np.int64).astype(np.float32)
+        else:
+            shifted = np.subtract(values, np.float32(low_value), dtype=np.float32)
+        shifted *= scale
+        np.rint(shifted, out=shifted)  # half to even, as numpy's round() was
+        np.clip(shifted, 0, 255, out=shifted)
+        eight_bit[top:bottom] = shifted
+    return Image.fromarray(eight_bit)
 
 
 def decode_image(data: bytes, image_size: tuple[int, int], channels: int, max_pixels: int) -> np.ndarray:
@@ -44,38 +77,44 @@ def decode_image(data: bytes, image_size: tuple[int, int], channels: int, max_pi
         raise ImageDecodeError("empty file (0 bytes)")
     height, width = image_size
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below replaces Pillow's warning for large images.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.width * image.height > max_pixels:
-                raise ImageDecodeError(
-                    f"image of {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels "
-                    "(possible decompression bomb)"
-                )
-            if image.format == "JPEG":
-                # DCT scaling decodes straight to a smaller size: several times faster for big photos.
-                image.draft("RGB" if channels == 3 else "L", (width, height))
-            image.seek(0)
-            image.load()
-            # In place: without an orientation tag the default would copy the image for nothing.
-            ImageOps.exif_transpose(image, in_place=True)
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                image = _to_eight_bit(image)
-            if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
-                # Transparent pixels become white rather than whatever colour they happen to store.
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, rgba)
-            mode = "RGB" if channels == 3 else "L"
-            if image.mode != mode:  # convert() to the same mode would copy
-                image = image.convert(mode)
-            if image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        # Pillow refuses images above twice its own limit (178,956,970 pixels by default) whatever
+        # max_pixels allows; tie its limit to ours so the explicit check below is the one that decides.
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise ImageDecodeError(
+                f"image of {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels "
+                "(possible decompression bomb)"
+            )
+        if image.format == "JPEG":
+            # DCT scaling decodes straight to a smaller size: several times faster for big photos.
+            image.draft("RGB" if channels == 3 else "L", (width, height))
+        image.seek(0)
+        image.load()
+        # In place: without an orientation tag the default would copy the image for nothing.
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            image = _to_eight_bit(image)
+        if image.mode in ("P", "PA", "LA", "RGBA") or "transparency" in image.info:
+            # Transparent pixels become white rather than whatever colour they happen to store.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        mode = "RGB" if channels == 3 else "L"
+        if image.mode != mode:  # convert() to the same mode would copy
+            image = image.convert(mode)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageDecodeError(f"refused as a possible decompression bomb: {error}") from None
+        # Pillow's own refusal, at twice MAX_IMAGE_PIXELS (set to max_pixels above); its message names
+        # that doubled limit, which the user never configured, so only its pixel count is kept.
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"image of {found.group(1)} pixels" if found else "image"
+        raise ImageDecodeError(
+            f"{size} exceeds twice the limit of {max_pixels} pixels: refused as a possible decompression bomb"
+        ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image format") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
