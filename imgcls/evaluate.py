@@ -59,9 +59,12 @@ def _report_markdown(metrics: dict[str, Any], summary: EvaluateSummary, class_na
     for name in class_names:
         scores = metrics["per_class"][name]
         lines.append(f"| {name} | {scores['precision']:.4f} | {scores['recall']:.4f} | {scores['f1']:.4f} | {scores['support']} |")
-    for average in ("macro_avg", "weighted_avg"):
+    # Both macro averages: over the classes in this set, and over every class the model knows (absent ones count 0).
+    averages = {"macro_avg": "macro avg (classes present)", "macro_avg_all_classes": "macro avg (all classes)",
+                "weighted_avg": "weighted avg"}  # fmt: skip
+    for average, label in averages.items():
         scores = metrics[average]
-        lines.append(f"| *{average.replace('_', ' ')}* | {scores['precision']:.4f} | {scores['recall']:.4f} | {scores['f1']:.4f} | {summary.evaluated} |")
+        lines.append(f"| *{label}* | {scores['precision']:.4f} | {scores['recall']:.4f} | {scores['f1']:.4f} | {summary.evaluated} |")
     lines += [
         "",
         "## Confusion matrix",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+AVERAGED = ("precision", "recall", "f1")
+
 
 def confusion_matrix(true: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows: true class; columns: predicted class."""
@@ -60,6 +62,7 @@ def classification_report(true: np.ndarray, probabilities: np.ndarray, class_nam
     scores = per_class_scores(matrix)
     support = scores["support"]
     weights = support / max(support.sum(), 1)
+    present = support > 0
     per_class = {
         name: {metric: (int(values[i]) if metric == "support" else float(values[i])) for metric, values in scores.items()}
         for i, name in enumerate(class_names)
@@ -69,8 +72,11 @@ def classification_report(true: np.ndarray, probabilities: np.ndarray, class_nam
         "accuracy": float(np.mean(predicted == true)) if len(true) else 0.0,
         f"top_{min(top_k, num_classes)}_accuracy": top_k_accuracy(true, probabilities, top_k),
         "per_class": per_class,
-        "macro_avg": {metric: float(np.mean(scores[metric])) for metric in ("precision", "recall", "f1")},
-        "weighted_avg": {metric: float(np.sum(scores[metric] * weights)) for metric in ("precision", "recall", "f1")},
+        # Classes with no images score 0 on every metric; counting them would say a model that is
+        # right on every image present is wrong (precision 0.2 with 2 of 10 classes in the set).
+        "macro_avg": {metric: float(np.mean(scores[metric][present])) if present.any() else 0.0 for metric in AVERAGED},
+        "macro_avg_all_classes": {metric: float(np.mean(scores[metric])) for metric in AVERAGED},
+        "weighted_avg": {metric: float(np.sum(scores[metric] * weights)) for metric in AVERAGED},
         "confusion_matrix": {"class_names": class_names, "matrix": matrix.tolist()},
         "calibration": calibration(true, probabilities, bins),
     }
