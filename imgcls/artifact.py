@@ -151,8 +151,7 @@ def _validation_problems(error: ValidationError) -> str:
 
 def _is_safe_mode_refusal(error: Exception) -> bool:
     # Keras refuses a Lambda layer (or other code-carrying object) with a ValueError that tells how to
-    # allow it (possibly nested in another layer's TypeError); that refusal passes through unchanged,
-    # as before, rather than being called damage.
+    # allow it (possibly nested in another layer's TypeError): a refusal, not damage.
     return "safe_mode=False" in str(error)
 
 
@@ -181,7 +180,11 @@ def _load_keras_file(local_model: Path, model_uri: str):
         raise
     except Exception as error:
         if _is_safe_mode_refusal(error):
-            raise
+            raise UserError(
+                f"The model file {model_uri} holds code (a Lambda layer or another Python object) that Keras' "
+                "safe mode refuses to run, and imgcls never loads an artifact with safe mode off. Train the model "
+                "with imgcls, or rebuild it from standard Keras layers."
+            ) from None
         raise damaged(_first_line(error)) from None
 
 

@@ -323,3 +323,39 @@ def test_object_keys_are_used_exactly_as_listed(s3_endpoint, tiny_artifact, imag
     table = rows(output)
     assert sorted(row["path"] for row in table) == sorted(f"s3://{TEST_BUCKET}/{key}" for key in keys)
     assert all(row["error"] is None for row in table)
+
+
+# Rule 5 through the real CLI: artifacts that do not fit their model are exit 2, never predictions.
+
+
+def _broken_copy(tiny_artifact: str, tmp_path: Path, edit) -> str:
+    copy = tmp_path / "broken-model"
+    shutil.copytree(tiny_artifact, copy)
+    edit(copy)
+    return str(copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda root: (root / "model.keras").write_bytes((root / "model.keras").read_bytes()[:5000]), "is damaged"),
+        (lambda root: _edit_metadata(root, class_names=[]), "class_names"),
+        (lambda root: _edit_metadata(root, image_size=[0, 0]), "image_size"),
+        (lambda root: _edit_metadata(root, class_names=["a", "a"]), "class_names"),
+        (lambda root: _edit_metadata(root, task="multiclass", class_names=[str(i) for i in range(10)]), "(None, 10)"),
+        (lambda root: _edit_metadata(root, image_size=[32, 32]), "image_size [32, 32]"),
+    ],
+    ids=["truncated", "no-classes", "zero-size", "duplicate-classes", "width-mismatch", "size-mismatch"],
+)
+def test_artifacts_that_do_not_fit_their_model_exit_2(tiny_artifact, images, tmp_path, capsys, edit, expected):
+    model = _broken_copy(tiny_artifact, tmp_path, edit)
+    assert predict(model, "--input", str(images), "--output", str(tmp_path / "out")) == 2
+    message = capsys.readouterr().err
+    assert expected in message and "Traceback" not in message
+    assert not list((tmp_path / "out").glob("run-*"))
+
+
+def _edit_metadata(root: Path, **changes) -> None:
+    metadata = json.loads((root / "metadata.json").read_text())
+    metadata.update(changes)
+    (root / "metadata.json").write_text(json.dumps(metadata))
