@@ -77,9 +77,11 @@ def decode_image(data: bytes, image_size: tuple[int, int], channels: int, max_pi
         raise ImageDecodeError("empty file (0 bytes)")
     height, width = image_size
     try:
-        # Pillow refuses images above twice its own limit (178,956,970 pixels by default) whatever
-        # max_pixels allows; tie its limit to ours so the explicit check below is the one that decides.
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        # Pillow refuses images above twice its own process-wide limit whatever max_pixels allows:
+        # raise that limit to ours when ours is higher, never lower it (the rest of the process uses
+        # Pillow too). The explicit check below is the one that decides.
+        if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = max_pixels
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > max_pixels:
             raise ImageDecodeError(
@@ -108,12 +110,12 @@ def decode_image(data: bytes, image_size: tuple[int, int], channels: int, max_pi
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as error:
-        # Pillow's own refusal, at twice MAX_IMAGE_PIXELS (set to max_pixels above); its message names
-        # that doubled limit, which the user never configured, so only its pixel count is kept.
+        # Pillow's own refusal, at twice its limit (at least max_pixels, see above): such an image is
+        # over our limit too. Its message names a limit the user never configured; keep its pixel count.
         found = re.search(r"\((\d+) pixels\)", str(error))
         size = f"image of {found.group(1)} pixels" if found else "image"
         raise ImageDecodeError(
-            f"{size} exceeds twice the limit of {max_pixels} pixels: refused as a possible decompression bomb"
+            f"{size} exceeds the limit of {max_pixels} pixels: refused as a possible decompression bomb"
         ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image format") from None

@@ -85,9 +85,18 @@ def test_image_extensions_are_case_insensitive():
 
 @pytest.fixture
 def pillow_limit_restored(monkeypatch):
-    # decode_image sets Pillow's process-wide limit (crop() checks it too): start from Pillow's
+    # decode_image may raise Pillow's process-wide limit (crop() checks it too): start from Pillow's
     # default, and leave it as other tests found it.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)
+
+
+def test_a_low_limit_never_lowers_pillows_limit_for_the_rest_of_the_process(pillow_limit_restored):
+    """A lowered process-wide limit made later, unrelated Pillow use in the same process (a report's
+    figure) fail as a decompression bomb."""
+    with pytest.raises(ImageDecodeError, match="exceeds the limit of 10000 pixels"):
+        decode_image(encode(Image.new("L", (200, 200)), "PNG"), (8, 8), 1, max_pixels=10_000)
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485
+    Image.open(io.BytesIO(encode(Image.new("L", (500, 500)), "PNG"))).load()
 
 
 def eight_bit_by_the_old_formula(image: Image.Image) -> np.ndarray:
@@ -173,7 +182,7 @@ def test_max_pixels_above_pillows_default_is_honoured(above_pillows_limit, pillo
     [
         (1, "image of 14000x14000 pixels exceeds the limit of 195999999 pixels (possible decompression bomb)"),
         # Over twice the limit Pillow itself refuses at open; the message gives our limit, not its doubled one.
-        (100_000_000, "image of 196000000 pixels exceeds twice the limit of 96000000 pixels: refused as a possible decompression bomb"),
+        (100_000_000, "image of 196000000 pixels exceeds the limit of 96000000 pixels: refused as a possible decompression bomb"),
     ],
     ids=["just below", "well below"],
 )
