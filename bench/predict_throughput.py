@@ -60,9 +60,9 @@ def make_images(folder: Path, count: int, width: int, height: int) -> list[str]:
 
 
 def make_artifact() -> str:
-    from imgcls.artifact import save_artifact
+    from imgcls.modeling.artifact import save_artifact
     from imgcls.config import ModelConfig
-    from imgcls.models import create_model
+    from imgcls.modeling.models import create_model
 
     destination = WORK / "artifact"
     if not (destination / "metadata.json").exists():
@@ -77,7 +77,7 @@ def hand_loop(paths: list[str], artifact: str, batch_size: int = 64) -> float:
     import numpy as np
     from PIL import Image
 
-    from imgcls.artifact import load_artifact
+    from imgcls.modeling.artifact import load_artifact
 
     started = time.perf_counter()
     model, _ = load_artifact(artifact)
@@ -97,7 +97,7 @@ def tf_data_pipeline(paths: list[str], artifact: str, batch_size: int = 64) -> f
     """(b) tf.data with parallel decode_image and resize, then model.predict."""
     import tensorflow as tf
 
-    from imgcls.artifact import load_artifact
+    from imgcls.modeling.artifact import load_artifact
 
     started = time.perf_counter()
     model, _ = load_artifact(artifact)
@@ -241,7 +241,7 @@ def main() -> None:
         return
     import logging
 
-    from imgcls.logging_setup import configure_logging
+    from imgcls.platform.logs import configure_logging
 
     configure_logging(logging.WARNING)
     all_paths = make_images(WORK / "images_all", arguments.large, arguments.width, arguments.height)

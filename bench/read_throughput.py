@@ -59,7 +59,8 @@ def upload(data: Path, endpoint: str, bucket: str) -> str:
 
 
 def timed_read(uri: str, image_size: int, channels: int) -> dict[str, float]:
-    from imgcls.data import decoded_dataset, list_images
+    from imgcls.data.datasets import decoded_dataset
+    from imgcls.data.listing import list_images
 
     started = time.perf_counter()
     listing = list_images(uri)

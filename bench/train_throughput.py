@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from imgcls.logging_setup import configure_logging  # noqa: E402
+from imgcls.platform.logs import configure_logging  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,7 +32,7 @@ def plain_keras_baseline(data: Path, image_size: tuple[int, int], channels: int,
     import tensorflow as tf
 
     from imgcls.config import ModelConfig
-    from imgcls.models import create_model
+    from imgcls.modeling.models import create_model
 
     class_names = sorted(path.name for path in data.iterdir() if path.is_dir())
     files = sorted(str(path) for path in data.rglob("*.png"))

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imgcls import evaluate, train  # noqa: E402
 from imgcls.config import EvaluateConfig, load_job_config  # noqa: E402
-from imgcls.logging_setup import configure_logging  # noqa: E402
+from imgcls.platform.logs import configure_logging  # noqa: E402
 
 PRETRAIN_CLASSES = ["0", "1", "2", "3", "4"]
 TARGET_CLASSES = ["5", "6", "7", "8", "9"]
@@ -87,8 +87,8 @@ def main() -> None:
         f"output_dir={output / 'pretrain_0_4'}",
     ]))  # fmt: skip
     # 2. Its backbone as a weights file: the same kind of file as Keras' ImageNet "no top" weights.
-    from imgcls.artifact import load_artifact
-    from imgcls.backbones import backbone_of
+    from imgcls.modeling.artifact import load_artifact
+    from imgcls.modeling.backbones import backbone_of
 
     pretrained_model, _ = load_artifact(pretrain.artifact_uri)
     weights_file = output / "digits_0_4_backbone.weights.h5"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from imgcls.errors import UserError, clip
-from imgcls.logging_setup import configure_logging
+from imgcls.platform.logs import configure_logging
 
 logger = logging.getLogger("imgcls")
 
@@ -162,7 +162,7 @@ def process_main(argv: Sequence[str] | None = None) -> NoReturn:
     """`main` for a process that runs this one job and nothing else (the `imgcls` command, jobs/*.py):
     such a process may import TensorFlow without Keras' optional extras (see imgcls.tensorflow_import),
     and ends as soon as the job has returned."""
-    from imgcls.tensorflow_import import claim_process
+    from imgcls.platform.tensorflow_import import claim_process
 
     claim_process()
     _exit_now(main(argv))
@@ -170,7 +170,7 @@ def process_main(argv: Sequence[str] | None = None) -> NoReturn:
 
 def _exit_now(code: int) -> NoReturn:
     """A job's outputs are written, closed and committed when it returns; what is left is the
-    interpreter tearing down TensorFlow and Ray, 1-2 s of a short job on 2 cores. Leave Ray cleanly
+    interpreter tearing down TensorFlow and Ray, seconds of a short job. Leave Ray cleanly
     (stopping the local Ray this process started, if any), flush the logs, and exit without it."""
     if "ray" in sys.modules:
         import ray

@@ -8,6 +8,7 @@ Standard library only, so that any module can import this one.
 from __future__ import annotations
 
 import re
+import sys
 
 # Characters of one input value that a message shows at most.
 SHOWN_VALUE_LIMIT = 200
@@ -57,3 +58,27 @@ def shorten(value: object, limit: int = SHOWN_VALUE_LIMIT) -> str:
         return text
     length = len(value) if isinstance(value, (str, bytes)) else len(text)
     return f"{text[:limit]}… ({length:,} characters)"
+
+
+class StorageError(UserError):
+    """A bucket, endpoint or folder that cannot be reached, read or written: the user's to fix."""
+
+
+class OutputBusyError(UserError):
+    """Another run holds the output's lease."""
+
+
+# How a traceback's last line names one of our errors, e.g. "imgcls.errors.UserError: No model.keras ...".
+_ERROR_LINE = re.compile(r"^imgcls\.errors\.(\w+): (.+)$", re.MULTILINE)
+
+
+def user_error_in(error: BaseException | str) -> UserError | None:
+    """The user's error inside a Ray error (or its text), if that is what it is. A Ray task, actor or
+    Tune trial that failed on a user error reaches the driver wrapped in Ray's own exception, which
+    keeps only the text of the traceback; recover the message, so the job exits 2 with one paragraph
+    instead of 1 with Ray's stack."""
+    for name, message in reversed(_ERROR_LINE.findall(str(error))):
+        kind = getattr(sys.modules[__name__], name, None)
+        if isinstance(kind, type) and issubclass(kind, UserError):
+            return kind(message)
+    return None

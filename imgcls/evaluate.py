@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
 
-from imgcls import storage
 from imgcls.config import EvaluateConfig
 from imgcls.errors import DataError
+from imgcls.platform import storage
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +28,6 @@ class EvaluateSummary(BaseModel):
     unreadable: int
     accuracy: float
     seconds: float
-
-
-def _probability_rows(table: pa.Table, class_names: list[str]) -> np.ndarray:
-    """Full probability vectors back from the predictor's ranked top-k lists (k = all classes)."""
-    index = {name: position for position, name in enumerate(class_names)}
-    probabilities = np.zeros((table.num_rows, len(class_names)), dtype=np.float64)
-    for row, (labels, scores) in enumerate(
-        zip(table.column("top_k_labels").to_pylist(), table.column("top_k_scores").to_pylist())
-    ):
-        for label, score in zip(labels, scores):
-            probabilities[row, index[label]] = score
-    return probabilities
 
 
 def _report_markdown(metrics: dict[str, Any], summary: EvaluateSummary, class_names: list[str]) -> str:
@@ -86,11 +74,11 @@ def _report_markdown(metrics: dict[str, Any], summary: EvaluateSummary, class_na
 
 
 def run(config: EvaluateConfig) -> EvaluateSummary:
-    from imgcls.artifact import read_metadata
-    from imgcls.data import list_labelled
-    from imgcls.metrics import classification_report
-    from imgcls.plots import confusion_matrix_heatmap, reliability_diagram
-    from imgcls.predict import prediction_batches
+    from imgcls.data.listing import list_labelled
+    from imgcls.inference.engine import prediction_batches
+    from imgcls.modeling.artifact import read_metadata
+    from imgcls.reporting.metrics import classification_report
+    from imgcls.reporting.plots import confusion_matrix_heatmap, reliability_diagram
 
     started = time.perf_counter()
     endpoint_url = config.storage.endpoint_url
@@ -105,8 +93,10 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
         )
     true_by_path = {path: class_names.index(label) for path, label in zip(images.paths, images.labels)}
     logger.info("evaluating model %s on %d labelled images from %s", metadata.model_version, len(images.paths), config.data)
-    # Every class's probability (top-k over all classes), for top-k accuracy and calibration.
-    table = pa.concat_tables(list(prediction_batches(config, metadata, images.paths, top_k=len(class_names))))
+    # Each image's probability for every class, straight from the model, for top-k accuracy and calibration.
+    table = pa.concat_tables(
+        list(prediction_batches(config, metadata, images.paths, top_k=len(class_names), output="probabilities"))
+    )
     if table.num_rows != len(images.paths):
         raise RuntimeError(f"got {table.num_rows} predictions for {len(images.paths)} images")
     errored = table.filter(pa.compute.is_valid(table.column("error")))
@@ -114,7 +104,7 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     if readable.num_rows == 0:
         raise DataError(f"None of the {len(images.paths)} images under {config.data} is readable.")
     true = np.array([true_by_path[path] for path in readable.column("path").to_pylist()], dtype=np.int64)
-    probabilities = _probability_rows(readable, class_names)
+    probabilities = np.array(readable.column("probabilities").to_pylist(), dtype=np.float64)
     metrics = classification_report(true, probabilities, class_names, config.top_k, config.calibration_bins)
     metrics["unreadable_images"] = errored.num_rows
 

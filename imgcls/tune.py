@@ -12,10 +12,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from imgcls import storage
-from imgcls.config import JobConfig, TuneSettings, build_model, config_to_yaml, merge, parse_overrides
-from imgcls.errors import ConfigError, ResourcePlanError, UserError
-from imgcls.resources import MIN_CPUS_PER_WORKER
+from imgcls.config import JobConfig, TuneSettings, build_model, config_to_yaml, set_dotted
+from imgcls.errors import ConfigError, ResourcePlanError, UserError, user_error_in
+from imgcls.platform import storage
+from imgcls.platform.resources import MIN_CPUS_PER_WORKER
 
 logger = logging.getLogger(__name__)
 
@@ -107,19 +107,13 @@ def check_search_space(config: JobConfig) -> None:
             raise ConfigError(f"tune.search_space: {key} cannot be searched; trials share the cluster by plan.")
         (kind, values), = domain.items()
         for value in _domain_values(kind, values):
-            candidate = merge(base, parse_overrides([f"{key}={_yaml_scalar(value)}"]))
+            candidate = set_dotted(base, key, value)
             build_model(JobConfig, candidate, f"tune.search_space ({key}={value!r})")
     if config.tune.metric.startswith("val_") and not config.data.val and config.data.val_fraction == 0:
         raise ConfigError(
             f"tune.metric is {config.tune.metric} but there is no validation set: set data.val or "
             "data.val_fraction > 0, or tune on a training metric such as accuracy."
         )
-
-
-def _yaml_scalar(value: Any) -> str:
-    import json
-
-    return json.dumps(value)  # JSON is YAML, and keeps lists and floats exact.
 
 
 def tune_search_space(settings: TuneSettings) -> dict[str, Any]:
@@ -148,7 +142,9 @@ def max_epochs(config: JobConfig) -> int:
 
 
 def trial_config(base_values: dict[str, Any], params: dict[str, Any], output_uri: str) -> JobConfig:
-    values = merge(base_values, parse_overrides([f"{key}={_yaml_scalar(value)}" for key, value in params.items()]))
+    values = dict(base_values)
+    for key, value in params.items():
+        values = set_dotted(values, key, value)
     values["output_dir"] = output_uri
     values["tune"] = None
     return build_model(JobConfig, values, "trial config")
@@ -160,11 +156,9 @@ def run_trial(params: dict[str, Any], base_values: dict[str, Any], trials_uri: s
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from imgcls import train
-    from imgcls.logging_setup import configure_logging
+    from imgcls.platform.logs import configure_worker_logging
 
-    if not logging.getLogger().handlers:
-        configure_logging()
-    logging.getLogger("imgcls").setLevel(logging.INFO)
+    configure_worker_logging()
     # Tune runs trials in their own working directories: relative paths keep meaning the driver's.
     os.environ["IMGCLS_BASE_DIR"] = base_dir
     # Several trials' progress bars interleaved in one driver log are unreadable; Tune reports progress.
@@ -250,7 +244,7 @@ def _best_trial(trials: list[TrialSummary], mode: str) -> TrialSummary:
     if not finished:
         errors = [trial.error for trial in trials if trial.error]
         message = f"No trial finished with a model; first error: {errors[0] if errors else 'none reported'}."
-        if errors and all(error.startswith("imgcls.errors.") for error in errors):
+        if errors and all(user_error_in(error) is not None for error in errors):
             raise UserError(message.replace("imgcls.errors.", ""))
         raise RuntimeError(message)
     sign = 1 if mode == "max" else -1
@@ -258,7 +252,7 @@ def _best_trial(trials: list[TrialSummary], mode: str) -> TrialSummary:
 
 
 def _copy_artifact(source: storage.Location, destination: storage.Location) -> None:
-    from imgcls.artifact import METADATA_FILE, MODEL_FILE
+    from imgcls.modeling.artifact import METADATA_FILE, MODEL_FILE
 
     # metadata.json last: a folder with metadata.json is always a complete artifact.
     for name in (MODEL_FILE, METADATA_FILE):
@@ -268,11 +262,8 @@ def _copy_artifact(source: storage.Location, destination: storage.Location) -> N
 def run(config: JobConfig) -> TuneResult:
     """Search `config.tune.search_space`, then write the trials table, the metric plot,
     best_config.yaml and the best trial's artifact under output_dir."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from imgcls.plots import trial_curves
-    from imgcls.ray_runtime import ensure_ray, free_resources
+    from imgcls.platform.ray_runtime import ensure_ray, free_resources
+    from imgcls.reporting.plots import trial_curves
 
     if config.tune is None:
         raise ConfigError("jobs/tune.py needs a `tune:` section with at least `tune.search_space` (see README).")
@@ -285,54 +276,7 @@ def run(config: JobConfig) -> TuneResult:
     output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
     trials_root = output_dir.join(TRIALS_FOLDER)
     storage.write_text_atomic(output_dir.join("tune_config.yaml"), config_to_yaml(config))
-    base_values = config.model_dump(mode="json")
-    base_values["scaling"].update(cpus_per_worker=plan.cpus_per_worker, data_cpus=plan.data_cpus)
-    mode = settings.resolved_mode()
-    base_dir = os.environ.get("IMGCLS_BASE_DIR") or os.getcwd()
-    trainable = tune.with_parameters(run_trial, base_values=base_values, trials_uri=trials_root.uri, base_dir=base_dir)
-    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
-    experiment = output_dir.join(EXPERIMENT_NAME)
-    filesystem = None if output_dir.is_local else output_dir.filesystem
-    if tune.Tuner.can_restore(experiment.path, storage_filesystem=filesystem):
-        logger.info("found an earlier search in %s: resuming it (finished trials are kept)", experiment.uri)
-        tuner = tune.Tuner.restore(
-            experiment.path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-            storage_filesystem=filesystem,
-        )  # fmt: skip
-    else:
-        if settings.asha:
-            scheduler = ASHAScheduler(
-                time_attr="epoch",
-                # One past the last epoch: ASHA stops a trial that reaches max_t at once, which would
-                # kill it between its last report and writing its artifact.
-                max_t=max_epochs(config) + 1,
-                grace_period=settings.grace_period,
-                reduction_factor=settings.reduction_factor,
-            )
-        else:
-            scheduler = FIFOScheduler()
-        tuner = tune.Tuner(
-            trainable,
-            param_space=tune_search_space(settings),
-            tune_config=tune.TuneConfig(
-                metric=settings.metric,
-                mode=mode,
-                scheduler=scheduler,
-                num_samples=settings.num_samples,
-                # Tune ignores TuneConfig.max_concurrent_trials when a search algorithm is given.
-                search_alg=tune.search.BasicVariantGenerator(
-                    random_state=config.seed, max_concurrent=plan.max_concurrent_trials
-                ),
-                trial_dirname_creator=lambda trial: trial.trial_id,
-            ),
-            run_config=tune.RunConfig(
-                name=EXPERIMENT_NAME,
-                storage_path=output_dir.path,
-                storage_filesystem=filesystem,
-                verbose=1,
-            ),
-        )
-    result_grid = tuner.fit()
+    result_grid = _tuner(config, plan, output_dir, trials_root).fit()
     trials, histories = summarise_trials(result_grid, config, trials_root)
     storage.write_text_atomic(output_dir.join("trials.csv"), trials_table_csv(trials, settings.metric))
     storage.write_bytes_atomic(output_dir.join("trials.png"), trial_curves(histories, settings.metric))
@@ -343,21 +287,8 @@ def run(config: JobConfig) -> TuneResult:
             f"{trial.metric_last:.4f}" if trial.metric_last is not None else "-",
             ", ".join(f"{key}={value}" for key, value in trial.params.items()),
         )  # fmt: skip
-    best = _best_trial(trials, mode)
-
-    import yaml
-
-    best_values = yaml.safe_load(storage.read_bytes(trials_root.join(best.trial_id, "config.yaml")))
-    best_values["output_dir"] = f"{config.output_dir.rstrip('/')}/best"
-    best_values["scaling"] = config.scaling.model_dump(mode="json")  # the trial's share was the tuner's plan
-    best_values["tune"] = None
-    best_config = build_model(JobConfig, best_values, "best trial config")
-    storage.write_text_atomic(
-        output_dir.join("best_config.yaml"),
-        f"# Best of {len(trials)} trials by {settings.metric} ({mode}): trial {best.trial_id}, "
-        f"{settings.metric} {best.metric_last:.4f}.\n# Train it: python jobs/train.py --config "
-        f"{output_dir.join('best_config.yaml').uri}\n" + config_to_yaml(best_config),
-    )
+    best = _best_trial(trials, settings.resolved_mode())
+    _write_best_config(config, output_dir, trials_root, best, len(trials))
     artifact = output_dir.join("model")
     _copy_artifact(trials_root.join(best.trial_id, "model"), artifact)
     logger.info(
@@ -370,4 +301,68 @@ def run(config: JobConfig) -> TuneResult:
         best_config_uri=output_dir.join("best_config.yaml").uri,
         artifact_uri=artifact.uri,
         trials=trials,
+    )
+
+
+def _tuner(config: JobConfig, plan: TuningPlan, output_dir: storage.Location, trials_root: storage.Location):
+    """A new Tuner for the search, or the earlier one restored (finished trials kept) when the same
+    output_dir already holds it."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    settings = config.tune
+    base_values = config.model_dump(mode="json")
+    base_values["scaling"].update(cpus_per_worker=plan.cpus_per_worker, data_cpus=plan.data_cpus)
+    base_dir = os.environ.get("IMGCLS_BASE_DIR") or os.getcwd()
+    trainable = tune.with_parameters(run_trial, base_values=base_values, trials_uri=trials_root.uri, base_dir=base_dir)
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
+    experiment = output_dir.join(EXPERIMENT_NAME)
+    filesystem = None if output_dir.is_local else output_dir.filesystem
+    if tune.Tuner.can_restore(experiment.path, storage_filesystem=filesystem):
+        logger.info("found an earlier search in %s: resuming it (finished trials are kept)", experiment.uri)
+        return tune.Tuner.restore(
+            experiment.path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+            storage_filesystem=filesystem,
+        )  # fmt: skip
+    scheduler = FIFOScheduler()
+    if settings.asha:
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            # One past the last epoch: ASHA stops a trial that reaches max_t at once, which would
+            # kill it between its last report and writing its artifact.
+            max_t=max_epochs(config) + 1,
+            grace_period=settings.grace_period,
+            reduction_factor=settings.reduction_factor,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=tune_search_space(settings),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.resolved_mode(),
+            scheduler=scheduler,
+            num_samples=settings.num_samples,
+            # Tune ignores TuneConfig.max_concurrent_trials when a search algorithm is given.
+            search_alg=tune.search.BasicVariantGenerator(random_state=config.seed, max_concurrent=plan.max_concurrent_trials),
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(name=EXPERIMENT_NAME, storage_path=output_dir.path, storage_filesystem=filesystem, verbose=1),
+    )
+
+
+def _write_best_config(config: JobConfig, output_dir, trials_root, best: TrialSummary, num_trials: int) -> None:
+    """best_config.yaml: the best trial's config, to train again with the run's own scaling."""
+    import yaml
+
+    settings = config.tune
+    best_values = yaml.safe_load(storage.read_bytes(trials_root.join(best.trial_id, "config.yaml")))
+    best_values["output_dir"] = f"{config.output_dir.rstrip('/')}/best"
+    best_values["scaling"] = config.scaling.model_dump(mode="json")  # the trial's share was the tuner's plan
+    best_values["tune"] = None
+    best_config = build_model(JobConfig, best_values, "best trial config")
+    storage.write_text_atomic(
+        output_dir.join("best_config.yaml"),
+        f"# Best of {num_trials} trials by {settings.metric} ({settings.resolved_mode()}): trial {best.trial_id}, "
+        f"{settings.metric} {best.metric_last:.4f}.\n# Train it: python jobs/train.py --config "
+        f"{output_dir.join('best_config.yaml').uri}\n" + config_to_yaml(best_config),
     )

@@ -27,6 +27,17 @@ TEST_ACCESS_KEY = "AKIAIMGCLSTESTLEAKCHECK"
 TEST_SECRET_KEY = "imgcls-secret-d0-not-leak-7f3a9c"
 
 
+# Fixtures that start a real service (Ray, an S3 endpoint) or need one: a test that uses any of them,
+# directly or through another fixture, is marked `services` and left out of `make test-fast`.
+SERVICE_FIXTURES = {"ray_session", "s3_endpoint"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -90,7 +101,7 @@ def ray_session(s3_endpoint):
     """A real 2-CPU Ray on loopback, started once for the whole suite."""
     import ray
 
-    from imgcls.ray_runtime import ensure_ray
+    from imgcls.platform.ray_runtime import ensure_ray
 
     # The jobs' own local Ray (loopback, token auth, dashboard for Ray Train's placement-group cleaner).
     ensure_ray(num_cpus=2)
@@ -143,8 +154,8 @@ def trained_one_worker(ray_session, pattern_dataset, tmp_path_factory):
 def tiny_artifact(tmp_path_factory) -> str:
     """A real imgcls artifact of the tutorial CNN for 16x16 RGB and two classes, with its initial
     weights, made without Ray or training: for tests of what prediction does around the model."""
-    from imgcls.artifact import save_artifact
-    from imgcls.models import create_seed_cnn
+    from imgcls.modeling.artifact import save_artifact
+    from imgcls.modeling.models import create_seed_cnn
 
     uri = str(tmp_path_factory.mktemp("tiny_artifact") / "model")
     model = create_seed_cnn((IMAGE_SIZE, IMAGE_SIZE), 3, 2)

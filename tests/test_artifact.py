@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from imgcls.artifact import METADATA_FILE, MODEL_FILE, load_artifact, read_metadata, save_artifact
+from imgcls.modeling.artifact import METADATA_FILE, MODEL_FILE, load_artifact, read_metadata, save_artifact
 from imgcls.config import ModelConfig
 from imgcls.errors import UserError
-from imgcls.models import create_model
+from imgcls.modeling.models import create_model
 
 
 def metadata_fields(class_names):

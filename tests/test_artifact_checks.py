@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from imgcls.artifact import METADATA_FILE, MODEL_FILE, load_artifact, read_metadata, save_artifact
+from imgcls.modeling.artifact import METADATA_FILE, MODEL_FILE, load_artifact, read_metadata, save_artifact
 from imgcls.errors import UserError
 
 TEN_CLASSES = [f"class{index}" for index in range(10)]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from imgcls.augment import augment_batch, augment_rows, sample_grid
+from imgcls.data.augment import augment_batch, augment_rows, sample_grid
 from imgcls.config import AugmentConfig
 
 OPS = {
@@ -79,7 +79,7 @@ def test_training_pipeline_augments_only_the_training_split(ray_session, images)
     import ray.data
 
     from imgcls.config import load_job_config
-    from imgcls.train import epoch_pipeline, evaluation_batches
+    from imgcls.training.feed import epoch_pipeline, evaluation_batches
 
     dataset = ray.data.from_items(
         [{"image": image, "label": 0, "row": int(row)} for image, row in zip(images, ROWS)]

@@ -7,7 +7,8 @@ import pyarrow.dataset as pads
 import pytest
 from image_factory import BOMB_PIXEL_LIMIT, bad_image_corpus, write_pattern_dataset
 
-from imgcls import data, predict
+from imgcls import predict
+from imgcls.data import datasets, listing
 from imgcls.config import PredictConfig
 
 
@@ -23,9 +24,9 @@ def corpus(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_training_pipeline_uses_and_skips_exactly_the_right_files(ray_session, corpus):
     root, kinds = corpus
-    images = data.list_labelled(str(root))
+    images = listing.list_labelled(str(root))
     assert len(images.paths) == 10 + len(kinds)
-    prepared = data.prepare_split(images, (16, 16), 3, BOMB_PIXEL_LIMIT, decode_batch_size=4, seed=0, split_name="train")
+    prepared = datasets.prepare_split(images, (16, 16), 3, BOMB_PIXEL_LIMIT, decode_batch_size=4, seed=0, split_name="train")
     expected_skipped = sorted(name for name, _, usable in kinds.values() if not usable)
     assert sorted(Path(row["path"]).name for row in prepared.skipped) == expected_skipped
     assert prepared.num_rows == 10 + sum(usable for _, _, usable in kinds.values())

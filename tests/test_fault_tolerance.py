@@ -18,7 +18,7 @@ from conftest import REPO_ROOT
 from image_factory import write_pattern_dataset
 
 from imgcls import train
-from imgcls.artifact import load_artifact
+from imgcls.modeling.artifact import load_artifact
 from imgcls.config import load_job_config
 
 # Slow enough epochs (a few seconds on 2 cores) that a kill lands inside one.

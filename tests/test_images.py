@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls.images import ImageDecodeError, decode_image, has_image_extension
+from imgcls.data.images import ImageDecodeError, decode_image, has_image_extension
 
 SIZE = (12, 10)  # height, width: deliberately not square
-# imgcls.images silences this warning once for the process, but pytest drops filters that modules add
+# imgcls.data.images silences this warning once for the process, but pytest drops filters that modules add
 # while it imports them (test_pillows_bomb_warning_is_silenced_for_the_whole_process checks it outside).
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
@@ -128,7 +128,7 @@ def test_sixteen_bit_rescale_is_exactly_the_old_formula_on_a_known_image():
     ids=["16-bit", "32-bit integer", "32-bit float"],
 )
 def test_deep_images_match_the_old_formula_within_one_grey_level(values, pillow_limit_restored):
-    from imgcls.images import _to_eight_bit
+    from imgcls.data.images import _to_eight_bit
 
     image = Image.fromarray(values)
     rescaled = np.asarray(_to_eight_bit(image)).astype(np.int16)
@@ -138,7 +138,7 @@ def test_deep_images_match_the_old_formula_within_one_grey_level(values, pillow_
 
 
 def test_a_flat_deep_image_becomes_black(pillow_limit_restored):
-    from imgcls.images import _to_eight_bit
+    from imgcls.data.images import _to_eight_bit
 
     assert np.asarray(_to_eight_bit(Image.new("I;16", (50, 40), 1234))).max() == 0
 
@@ -197,7 +197,7 @@ BOMB_WARNING_SCRIPT = """
 import io, sys
 from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
-from imgcls.images import ImageDecodeError, decode_image
+from imgcls.data.images import ImageDecodeError, decode_image
 buffer = io.BytesIO()
 Image.new("L", (150, 150)).save(buffer, "PNG")
 def attempt(_):

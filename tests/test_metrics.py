@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as reference
 
-from imgcls.metrics import calibration, classification_report, confusion_matrix, top_k_accuracy
+from imgcls.reporting.metrics import calibration, classification_report, confusion_matrix, top_k_accuracy
 
 CLASSES = ["cat", "dog", "owl"]
 TRUE = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 1])

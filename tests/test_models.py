@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from imgcls.config import ModelConfig
-from imgcls.models import create_loss, create_model, create_optimizer, task_for
+from imgcls.modeling.losses import create_loss
+from imgcls.modeling.models import create_model, create_optimizer, task_for
 
 
 def test_seed_cnn_is_exactly_the_tutorial_network():
@@ -74,7 +75,7 @@ def test_configurable_cnn_builds_the_blocks_it_is_given():
 
 
 def test_class_weights_change_the_loss_on_an_imbalanced_set():
-    from imgcls.models import class_weight_vector
+    from imgcls.modeling.losses import class_weight_vector
 
     counts = {"common": 90, "rare": 10}
     balanced = class_weight_vector("balanced", ["common", "rare"], counts)

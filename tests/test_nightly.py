@@ -131,7 +131,7 @@ def test_a_killed_run_leaves_nothing_visible_and_the_rerun_completes(ray_session
 
 
 def test_run_ids_sort_in_the_order_runs_started():
-    from imgcls.output_runs import new_run_id
+    from imgcls.platform.output_runs import new_run_id
 
     ids = []
     for _ in range(5):

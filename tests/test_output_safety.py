@@ -23,9 +23,10 @@ from conftest import REPO_ROOT
 from image_factory import write_pattern_dataset
 from PIL import Image
 
-from imgcls import output_runs, storage
+from imgcls.platform import output_runs, storage
 from imgcls.cli import main
-from imgcls.output_lease import LeaseRecord, OutputBusyError, OutputLease
+from imgcls.errors import OutputBusyError
+from imgcls.platform.output_lease import LeaseRecord, OutputLease
 
 
 def rows(output: Path) -> list[dict]:
@@ -315,7 +316,7 @@ def test_object_keys_are_used_exactly_as_listed(s3_endpoint, tiny_artifact, imag
     keys = ["odd/a//b.png", "odd/a/./c.png", "odd/a/../d.png", "odd/plain.png"]
     for key in keys:
         client.put_object(Bucket=TEST_BUCKET, Key=key, Body=png)
-    from imgcls.data import list_images
+    from imgcls.data.listing import list_images
 
     assert list_images(f"s3://{TEST_BUCKET}/odd").paths == sorted(f"s3://{TEST_BUCKET}/{key}" for key in keys)
     output = tmp_path / "out"

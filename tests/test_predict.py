@@ -19,12 +19,15 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO_ROOT
 
-from imgcls import data, predict
-from imgcls.artifact import load_artifact
+from imgcls import predict
+from imgcls.data import reading
+from imgcls.modeling.artifact import load_artifact
 from imgcls.config import PredictConfig
 from imgcls.errors import DataError, UserError
-from imgcls.images import decode_image
-from imgcls.predict import PREDICTION_SCHEMA
+from imgcls.data.images import decode_image
+from imgcls.inference import actor_pool, in_process
+from imgcls.inference import placement as placements
+from imgcls.inference.predictor import PREDICTION_SCHEMA, Predictor
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +118,8 @@ def test_the_model_in_the_driver_gives_the_pools_rows(predictions, prediction_in
 
 
 def test_placement_small_runs_stay_in_the_driver_and_sized_or_forced_pools_are_kept():
-    def placed(num_images: int, **settings) -> predict.ModelPlacement:
-        return predict.choose_placement(num_images, PredictConfig(model="m", input="in", output="out", **settings))
+    def placed(num_images: int, **settings) -> placements.ModelPlacement:
+        return placements.choose_placement(num_images, PredictConfig(model="m", input="in", output="out", **settings))
 
     small = placed(4_999)
     assert (small.kind, small.reserved_cpus) == ("driver", 0) and "pool_min_images=5000" in small.reason
@@ -133,7 +136,7 @@ def test_a_large_run_on_a_one_machine_cluster_stays_in_the_driver_and_holds_its_
 ):
     import ray
 
-    from imgcls.ray_runtime import reserved_cpus
+    from imgcls.platform.ray_runtime import reserved_cpus
 
     # The suite's Ray is this machine alone (2 CPUs): a run of at least pool_min_images stays here,
     # with one decode thread per free CPU, and holds those CPUs through Ray while it runs.
@@ -141,12 +144,12 @@ def test_a_large_run_on_a_one_machine_cluster_stays_in_the_driver_and_holds_its_
     while ray.available_resources().get("CPU", 0) < 2:  # earlier tests' actors giving their CPUs back
         assert time.monotonic() < deadline, ray.available_resources()
         time.sleep(0.1)
-    placement = predict.choose_placement(5_000, PredictConfig(model="m", input="in", output="out"))
+    placement = placements.choose_placement(5_000, PredictConfig(model="m", input="in", output="out"))
     assert (placement.kind, placement.reserved_cpus, placement.decode_threads) == ("driver", 2, 2)
     assert "this machine alone" in placement.reason
     with reserved_cpus(2):
         assert ray.available_resources().get("CPU", 0) == 0
-        held = predict.choose_placement(5_000, PredictConfig(model="m", input="in", output="out"))
+        held = placements.choose_placement(5_000, PredictConfig(model="m", input="in", output="out"))
         assert held.kind == "actor_pool" and "held" in held.reason
     deadline = time.monotonic() + 10
     while ray.available_resources().get("CPU", 0) < 2:
@@ -162,23 +165,24 @@ def test_a_large_run_on_a_one_machine_cluster_stays_in_the_driver_and_holds_its_
     assert record["model_placement"] == "driver" and "this machine alone" in record["placement_reason"]
 
 
+@pytest.mark.services
 def test_a_cluster_of_several_nodes_or_a_big_node_gets_the_pool():
     # A real two-node Ray (two raylets on this machine), in a fresh process: this one has joined the suite's Ray.
     script = """
 import sys
-from imgcls import predict
+from imgcls.inference import placement as placements
 from imgcls.config import PredictConfig
 config = PredictConfig(model="m", input="in", output="out")
-print("no Ray:", predict.choose_placement(5_000, config), "ray" in sys.modules)
+print("no Ray:", placements.choose_placement(5_000, config), "ray" in sys.modules)
 import ray
 from ray.cluster_utils import Cluster
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 9})
 ray.init(address=cluster.address)
-print("big node:", predict.choose_placement(5_000, config).reason)
-print("small run:", predict.choose_placement(4_999, config).kind)
+print("big node:", placements.choose_placement(5_000, config).reason)
+print("small run:", placements.choose_placement(4_999, config).kind)
 cluster.add_node(num_cpus=1)
 cluster.wait_for_nodes()
-print("two nodes:", predict.choose_placement(5_000, config).reason)
+print("two nodes:", placements.choose_placement(5_000, config).reason)
 ray.shutdown()
 cluster.shutdown()
 """
@@ -202,16 +206,16 @@ def test_in_process_decoding_keeps_order_and_reads_ahead_a_bounded_number_of_blo
     _, metadata = load_artifact(result.artifact_uri)
     paths = sorted(str(path) for path in prediction_input.rglob("*.png"))
     started: list[int] = []
-    decode_batch = data.decode_batch
+    decode_batch = reading.decode_batch
 
     def counted(batch, **arguments):
         started.append(len(batch["path"]))
         return decode_batch(batch, **arguments)
 
-    monkeypatch.setattr(data, "decode_batch", counted)
-    monkeypatch.setattr(predict, "IN_PROCESS_BLOCK_ROWS", 2)
+    monkeypatch.setattr(reading, "decode_batch", counted)
+    monkeypatch.setattr(in_process, "IN_PROCESS_BLOCK_ROWS", 2)
     config = PredictConfig(model=result.artifact_uri, input=str(prediction_input), output="unused")
-    blocks = predict.decoded_on_threads(config, metadata, paths, threads=2)
+    blocks = in_process.decoded_on_threads(config, metadata, paths, threads=2)
     first = next(blocks)
     time.sleep(1.0)  # every block submitted so far has had time to run; none past the bound is submitted
     assert len(started) == 4  # two threads, two blocks ahead: 8 of the 21 images, not all of them
@@ -272,7 +276,7 @@ def test_an_artifact_without_its_model_file_is_a_user_error(trained_one_worker, 
 
 def test_predictor_top_k_is_capped_by_the_number_of_classes(trained_one_worker):
     result, _ = trained_one_worker
-    predictor = predict.Predictor.from_artifact(result.artifact_uri, top_k=5)
+    predictor = Predictor.from_artifact(result.artifact_uri, top_k=5)
     batch = {
         "path": np.array(["a.png", "b.png"]),
         "image": np.zeros((2, 16, 16, 3), np.uint8),
@@ -291,15 +295,15 @@ def test_empty_input_folder_is_a_data_error(trained_one_worker, tmp_path):
 
 
 def test_block_rows_grow_with_the_input_but_keep_every_decode_slot_busy():
-    assert predict.block_rows(20, decode_slots=2) == predict.MIN_BLOCK_ROWS
-    assert predict.block_rows(2000, decode_slots=2) == 256  # 8 blocks: 4 per decode slot
-    assert predict.block_rows(6000, decode_slots=2) == 750
-    assert predict.block_rows(20000, decode_slots=2) == predict.MAX_BLOCK_ROWS
-    assert predict.block_rows(20000, decode_slots=0) == predict.MAX_BLOCK_ROWS
+    assert actor_pool.block_rows(20, decode_slots=2) == actor_pool.MIN_BLOCK_ROWS
+    assert actor_pool.block_rows(2000, decode_slots=2) == 256  # 8 blocks: 4 per decode slot
+    assert actor_pool.block_rows(6000, decode_slots=2) == 750
+    assert actor_pool.block_rows(20000, decode_slots=2) == actor_pool.MAX_BLOCK_ROWS
+    assert actor_pool.block_rows(20000, decode_slots=0) == actor_pool.MAX_BLOCK_ROWS
 
 
 def test_staged_files_hold_at_most_rows_per_file_and_every_row_once(tmp_path):
-    from imgcls import output_runs, storage
+    from imgcls.platform import output_runs, storage
 
     def batch(start: int, count: int) -> pa.Table:
         paths = [f"/images/{index}.png" for index in range(start, start + count)]

@@ -7,7 +7,7 @@ from conftest import REPO_ROOT
 
 from imgcls.config import ScalingConfig
 from imgcls.errors import ResourcePlanError
-from imgcls.resources import plan_prediction, plan_training
+from imgcls.platform.resources import plan_prediction, plan_training
 
 
 def test_auto_plan_leaves_cpu_for_ray_data():

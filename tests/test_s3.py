@@ -11,10 +11,11 @@ import pyarrow.fs as pafs
 import pytest
 from conftest import TEST_ACCESS_KEY, TEST_BUCKET, TEST_SECRET_KEY, tiny_job_overrides, upload_tree
 
-from imgcls import predict, storage, train
-from imgcls.artifact import read_metadata
+from imgcls import predict, train
+from imgcls.platform import storage
+from imgcls.modeling.artifact import read_metadata
 from imgcls.config import PredictConfig, load_job_config
-from imgcls.data import list_images, list_labelled
+from imgcls.data.listing import list_images, list_labelled
 
 
 def bucket_keys(prefix: str) -> list[str]:

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from imgcls.config import EarlyStoppingConfig, ScheduleConfig
-from imgcls.schedules import EarlyStopper, PlateauTracker, improves, learning_rate_at
+from imgcls.training.schedules import EarlyStopper, PlateauTracker, improves, learning_rate_at
 
 STEPS = 10  # steps per epoch
 EPOCHS = 20

@@ -1,6 +1,6 @@
 import pytest
 
-from imgcls import storage
+from imgcls.platform import storage
 from imgcls.errors import UserError
 
 

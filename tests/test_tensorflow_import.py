@@ -9,7 +9,7 @@ from conftest import REPO_ROOT
 PROBE = """
 import sys
 sys.path.insert(0, sys.argv[1])
-from imgcls.tensorflow_import import import_for_inference
+from imgcls.platform.tensorflow_import import import_for_inference
 tensorflow = import_for_inference(lean=sys.argv[2] == "lean")
 import keras
 import numpy as np
@@ -42,14 +42,15 @@ def test_a_plain_import_hides_nothing():
 
 
 def test_only_a_command_line_process_is_claimed_and_its_fast_exit_keeps_code_and_output():
-    from imgcls import tensorflow_import
+    from imgcls.platform import tensorflow_import
 
     assert tensorflow_import.process_is_ours() is False  # pytest's process, not a job's
     # process_main claims the process, runs the job, then leaves with os._exit: the exit code and
     # output still buffered in a pipe (no flush here) must survive.
     job = (
         "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from imgcls import cli, tensorflow_import\n"
+        "from imgcls import cli\n"
+        "from imgcls.platform import tensorflow_import\n"
         "cli.main = lambda argv: print('claimed', tensorflow_import.process_is_ours(), argv) or 3\n"
         "cli.process_main(['predict'])\n"
         "print('never reached')\n"

@@ -8,7 +8,7 @@ import yaml
 from conftest import tiny_job_overrides
 
 from imgcls import train
-from imgcls.artifact import read_metadata
+from imgcls.modeling.artifact import read_metadata
 from imgcls.config import load_job_config
 
 
@@ -79,7 +79,7 @@ def test_a_class_with_no_readable_images_is_a_data_error(ray_session, tmp_path):
 def test_shard_cache_reshuffles_every_row_exactly_once_per_epoch():
     import numpy as np
 
-    from imgcls.train import ShardCache
+    from imgcls.training.feed import ShardCache
 
     cache = ShardCache()
     images = np.arange(10 * 2 * 2, dtype=np.uint8).reshape(10, 2, 2, 1)

@@ -20,7 +20,7 @@ def _backbone_weights_file(name: str, path: Path) -> Path:
     """A weights file for `name` without its top, as a user would save one: random but distinct weights."""
     import keras
 
-    from imgcls.backbones import create_backbone
+    from imgcls.modeling.backbones import create_backbone
 
     keras.utils.set_random_seed(123)
     backbone = create_backbone(name, (BACKBONE_SIZE, BACKBONE_SIZE), None)
@@ -29,7 +29,7 @@ def _backbone_weights_file(name: str, path: Path) -> Path:
 
 
 def _backbone_weights(model) -> dict[str, np.ndarray]:
-    from imgcls.backbones import backbone_of
+    from imgcls.modeling.backbones import backbone_of
 
     return {weight.path: np.array(weight.numpy()) for weight in backbone_of(model).weights}
 
@@ -39,7 +39,7 @@ def test_every_backbone_builds_with_its_preprocessing_and_loads_safely(name, tmp
     """Raw 0-255 grey pixels in, probabilities out; saved models load in safe mode with the same output."""
     import keras
 
-    from imgcls.models import create_model
+    from imgcls.modeling.models import create_model
 
     model = create_model(ModelConfig(name=name, dense_units=[]), (BACKBONE_SIZE, BACKBONE_SIZE), 1, 3)
     pixels = np.random.default_rng(0).uniform(0, 255, (2, BACKBONE_SIZE, BACKBONE_SIZE, 1)).astype("float32")
@@ -55,7 +55,7 @@ def test_every_backbone_builds_with_its_preprocessing_and_loads_safely(name, tmp
 def test_resnet50_preprocessing_is_imagenet_caffe_style():
     import keras
 
-    from imgcls.backbones import CaffePreprocessing
+    from imgcls.modeling.backbones import CaffePreprocessing
 
     rgb = np.array([[[[10.0, 20.0, 30.0]]]], dtype="float32")
     expected = keras.applications.resnet50.preprocess_input(rgb.copy())
@@ -65,7 +65,7 @@ def test_resnet50_preprocessing_is_imagenet_caffe_style():
 def test_backbone_weights_load_from_a_local_file_and_from_s3(s3_endpoint, tmp_path):
     import boto3
 
-    from imgcls.backbones import create_backbone, load_pretrained_model
+    from imgcls.modeling.backbones import create_backbone, load_pretrained_model
 
     name = "MobileNetV3Small"
     weights_file = _backbone_weights_file(name, tmp_path / "mobilenet_v3_small_notop.weights.h5")
@@ -88,7 +88,7 @@ def test_backbone_weights_load_from_a_local_file_and_from_s3(s3_endpoint, tmp_pa
 
 
 def test_a_missing_or_mismatched_weights_file_is_a_config_error(tmp_path):
-    from imgcls.backbones import load_pretrained_model
+    from imgcls.modeling.backbones import load_pretrained_model
 
     with pytest.raises(ConfigError, match="no weights file"):
         load_pretrained_model(ModelConfig(name="MobileNetV3Small", weights=str(tmp_path / "absent.weights.h5")),
@@ -101,7 +101,7 @@ def test_a_missing_or_mismatched_weights_file_is_a_config_error(tmp_path):
 def test_imagenet_weights_offline_give_a_clear_message(monkeypatch, tmp_path):
     """The real Keras download path, made to fail the way an offline machine fails: an empty Keras
     cache and an HTTPS proxy that refuses connections."""
-    from imgcls.backbones import load_pretrained_model
+    from imgcls.modeling.backbones import load_pretrained_model
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
@@ -147,9 +147,9 @@ def test_two_phase_finetuning_freezes_then_unfreezes_exactly_the_top_layers(ray_
     import keras
 
     from imgcls import train
-    from imgcls.backbones import backbone_of
-    from imgcls.initial_weights import prepare_initial_weights
-    from imgcls.models import create_model
+    from imgcls.modeling.backbones import backbone_of
+    from imgcls.modeling.initial_weights import prepare_initial_weights
+    from imgcls.modeling.models import create_model
 
     name, unfreeze_layers = "MobileNetV3Small", 12
     weights_file = _backbone_weights_file(name, tmp_path / "backbone.weights.h5")
@@ -210,9 +210,9 @@ def test_two_phase_finetuning_freezes_then_unfreezes_exactly_the_top_layers(ray_
 
 
 def test_warm_start_copies_the_body_and_makes_a_new_head_for_new_classes(trained_one_worker, pattern_dataset, tmp_path):
-    from imgcls.artifact import load_artifact
-    from imgcls.initial_weights import prepare_initial_weights
-    from imgcls.models import create_model
+    from imgcls.modeling.artifact import load_artifact
+    from imgcls.modeling.initial_weights import prepare_initial_weights
+    from imgcls.modeling.models import create_model
 
     result, _ = trained_one_worker
     source, metadata = load_artifact(result.artifact_uri)
@@ -257,8 +257,8 @@ def test_backbones_from_scratch_learn_batchnorm_statistics_at_the_configured_mom
     at chance; pretrained backbones keep their layers untouched (they stay in inference mode)."""
     import keras
 
-    from imgcls.backbones import backbone_of
-    from imgcls.models import create_model
+    from imgcls.modeling.backbones import backbone_of
+    from imgcls.modeling.models import create_model
 
     def momenta(weights: str) -> set[float]:
         model = create_model(ModelConfig(name="MobileNetV3Small", weights=weights), (BACKBONE_SIZE, BACKBONE_SIZE), 3, 2)

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from imgcls import storage
 from imgcls.config import MAX_IMAGE_SIDE  # training's own bound: every artifact it writes fits
 from imgcls.errors import SHOWN_VALUE_LIMIT, UserError, clip, shorten
+from imgcls.platform import storage
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -227,7 +227,7 @@ def check_model_fits_metadata(model, metadata: ArtifactMetadata, artifact_uri: s
 def load_artifact(artifact_uri: str, endpoint_url: str | None = None):
     """Return (keras model, metadata). The .keras file is loaded in safe mode: no arbitrary code runs,
     and nothing from the bucket is ever unpickled. A model that does not fit its metadata is refused."""
-    import imgcls.backbones  # noqa: F401  (registers the custom preprocessing layer for safe loading)
+    import imgcls.modeling.backbones  # noqa: F401  (registers the custom preprocessing layer for safe loading)
 
     metadata = read_metadata(artifact_uri, endpoint_url)
     model_location = storage.resolve(artifact_uri, endpoint_url).join(MODEL_FILE)

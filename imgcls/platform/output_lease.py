@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
 
-from imgcls import storage
-from imgcls.errors import UserError
+from imgcls.errors import OutputBusyError, UserError
+from imgcls.platform import storage
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,6 @@ UPDATE_MUTEX = "_lock.update"
 # A file-system update mutex older than this was left by a process killed mid-update.
 STALE_MUTEX_SECONDS = 30.0
 POLL_SECONDS = 0.5
-
-
-class OutputBusyError(UserError):
-    """Another run holds the output's lease."""
 
 
 class LeaseLostError(RuntimeError):

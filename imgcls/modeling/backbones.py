@@ -73,7 +73,7 @@ def create_backbone_model(
 ) -> keras.Model:
     """Raw pixels -> (grey to RGB) -> backbone preprocessing -> backbone (in inference mode when
     pretrained) -> global average pooling -> dense head -> predictions."""
-    from imgcls.models import dense_head
+    from imgcls.modeling.models import dense_head
 
     inputs = keras.Input(shape=(*image_size, channels), name="image")
     features = inputs
@@ -123,7 +123,7 @@ def set_finetune_phase(model: keras.Model, frozen: bool, unfreeze_layers: int | 
 
 def _local_weights_file(uri: str, endpoint_url: str | None, scratch: Path) -> str:
     """A local path for a weights file given as a path or s3:// URI (downloaded into `scratch`)."""
-    from imgcls import storage
+    from imgcls.platform import storage
 
     location = storage.resolve(uri, endpoint_url)
     if not storage.exists(location):

@@ -1,27 +1,22 @@
-"""Labelled image listing, train/val splits and the Ray Data decoding pipeline."""
+"""Labelled and unlabelled image listings: folders, bucket prefixes and manifests, one key per
+image, and deterministic train/val splits. Imports neither TensorFlow nor Ray."""
 
 from __future__ import annotations
 
 import logging
 import os
 import stat
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from imgcls import storage
-from imgcls.config import DEFAULT_MAX_IMAGE_BYTES
-from imgcls.errors import DataError, UserError, shorten
-from imgcls.images import ImageDecodeError, decode_image, has_image_extension
+from imgcls.data.images import has_image_extension
+from imgcls.errors import DataError, shorten
+from imgcls.platform import storage
 
 logger = logging.getLogger(__name__)
-
-# Rows per Ray Data block before decoding: several decode batches, so tasks are neither tiny nor huge.
-ROWS_PER_BLOCK = 256
 
 
 @dataclass
@@ -275,184 +270,3 @@ def stratified_split(
         val_positions.extend(positions[:held_out].tolist())
         train_positions.extend(positions[held_out:].tolist())
     return images.subset(np.sort(train_positions)), images.subset(np.sort(val_positions))
-
-
-# Concurrent object reads per decode task: fetching from an object store is latency-bound.
-REMOTE_READ_THREADS = 16
-
-
-class UnusablePathError(OSError):
-    """A listed path that names no readable image location (a URL, a NUL byte): that row's error."""
-
-
-def _read_each(paths: list[str], endpoint_url: str | None, max_bytes: int) -> Iterator[bytes | OSError]:
-    """Bytes of every path in order (at most `max_bytes` each), or the OSError that reading it raised.
-    Remote objects are fetched concurrently (and held until decoded); local files one at a time as
-    they are decoded, so a block never holds all its encoded files at once."""
-
-    def read_one(path: str) -> bytes | OSError:
-        try:
-            if "\x00" in path:
-                raise UnusablePathError("invalid path: it contains a NUL byte")
-            if os.path.isabs(path):  # listed local files: skip resolving a filesystem per file
-                return storage.read_local_file(path, max_bytes)
-            return storage.read_object(storage.resolve(path, endpoint_url), max_bytes)
-        except UserError as error:  # e.g. an http:// URL in a manifest: this row fails, not the run
-            return UnusablePathError(str(error))
-        except OSError as error:
-            return error
-
-    if paths and "://" in paths[0]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(REMOTE_READ_THREADS, len(paths))) as pool:
-            yield from pool.map(read_one, paths)
-        return
-    for path in paths:
-        yield read_one(path)
-
-
-def decode_batch(
-    batch: dict[str, np.ndarray],
-    image_size: tuple[int, int],
-    channels: int,
-    max_pixels: int,
-    endpoint_url: str | None = None,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-) -> dict[str, np.ndarray]:
-    """Ray Data UDF: read and decode every path in the batch; failures become an `error` string.
-
-    Every row gets an image of the same shape (zeros on error), so Arrow never sees ragged arrays.
-    """
-    paths = [str(path) for path in batch["path"]]
-    height, width = image_size
-    images = np.zeros((len(paths), height, width, channels), dtype=np.uint8)
-    errors = np.full(len(paths), "", dtype=object)
-    for row, payload in enumerate(_read_each(paths, endpoint_url, max_bytes)):
-        if isinstance(payload, UnusablePathError):
-            errors[row] = str(payload)
-            continue
-        if isinstance(payload, OSError):
-            errors[row] = f"cannot read file: {_read_failure(payload)}"
-            continue
-        try:
-            images[row] = decode_image(payload, image_size, channels, max_pixels)
-        except ImageDecodeError as error:
-            errors[row] = str(error)
-    output = dict(batch)
-    output["image"] = images
-    output["error"] = errors.astype(str)
-    return output
-
-
-def _read_failure(error: OSError) -> str:
-    """The reason alone: the row already names the path."""
-    return error.strerror if error.strerror and error.filename else str(error)
-
-
-def paths_table(
-    paths: list[str], label_indices: np.ndarray | None = None, rows_per_block: int = ROWS_PER_BLOCK
-) -> list[pa.Table]:
-    """Split path rows into several Arrow tables so Ray Data can decode them in parallel."""
-    tables = []
-    for start in range(0, len(paths), rows_per_block):
-        stop = min(start + rows_per_block, len(paths))
-        columns: dict[str, Any] = {
-            "path": pa.array(paths[start:stop], pa.string()),
-            "row": pa.array(np.arange(start, stop), pa.int64()),
-        }
-        if label_indices is not None:
-            columns["label"] = pa.array(label_indices[start:stop], pa.int32())
-        tables.append(pa.table(columns))
-    return tables
-
-
-def decoded_dataset(
-    paths: list[str],
-    label_indices: np.ndarray | None,
-    image_size: tuple[int, int],
-    channels: int,
-    max_pixels: int,
-    decode_batch_size: int,
-    endpoint_url: str | None = None,
-    num_cpus: float | None = None,
-    rows_per_block: int = ROWS_PER_BLOCK,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-):
-    """A lazy Ray Dataset of path (+label), image and error columns; one decode task per block."""
-    import ray.data
-
-    dataset = ray.data.from_arrow(paths_table(paths, label_indices, rows_per_block))
-    resources = {"num_cpus": num_cpus} if num_cpus is not None else {}
-    return dataset.map_batches(
-        decode_batch,
-        batch_size=decode_batch_size,
-        batch_format="numpy",
-        **resources,
-        fn_kwargs={
-            "image_size": tuple(image_size),
-            "channels": channels,
-            "max_pixels": max_pixels,
-            "endpoint_url": endpoint_url,
-            "max_bytes": max_bytes,
-        },
-    )
-
-
-@dataclass
-class PreparedSplit:
-    """A decoded, materialised split ready for training, plus what was skipped on the way."""
-
-    dataset: Any
-    num_rows: int
-    class_counts: dict[str, int]
-    skipped: list[dict[str, str]] = field(default_factory=list)
-
-
-def prepare_split(
-    images: LabelledImages,
-    image_size: tuple[int, int],
-    channels: int,
-    max_pixels: int,
-    decode_batch_size: int,
-    seed: int,
-    split_name: str,
-    endpoint_url: str | None = None,
-    num_cpus: float | None = None,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-) -> PreparedSplit:
-    """Decode a split once into the object store at model resolution, dropping undecodable files.
-
-    Training then iterates small uint8 arrays every epoch instead of re-reading and re-decoding
-    every file; the decoded set is spilled to disk by Ray if it outgrows memory.
-    """
-    from ray.data.expressions import col
-
-    generator = np.random.default_rng(seed)
-    order = generator.permutation(len(images.paths))  # Mix classes across blocks.
-    shuffled = images.subset(order)
-    decoded = decoded_dataset(
-        shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size, endpoint_url,
-        num_cpus=num_cpus, max_bytes=max_bytes,
-    ).materialize()  # fmt: skip
-    skipped_rows = decoded.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
-    skipped = [{"path": str(row["path"]), "error": str(row["error"])} for row in skipped_rows]
-    # `row` is a stable id per image: augmentation draws its random parameters from it.
-    usable = decoded.filter(expr=col("error") == "").select_columns(["image", "label", "row"]).materialize()
-    num_rows = usable.count()
-    skipped_paths = {row["path"] for row in skipped}
-    class_counts = {name: 0 for name in images.class_names}
-    for path, label in zip(shuffled.paths, shuffled.labels):
-        if path not in skipped_paths:
-            class_counts[label] += 1
-    if skipped:
-        logger.warning(
-            "%s split: skipped %d unreadable image(s) of %d, e.g. %s (%s)",
-            split_name,
-            len(skipped),
-            len(images.paths),
-            skipped[0]["path"],
-            skipped[0]["error"],
-        )
-    logger.info("%s split: %d images decoded to %dx%dx%d", split_name, num_rows, *image_size, channels)
-    return PreparedSplit(dataset=usable, num_rows=num_rows, class_counts=class_counts, skipped=skipped)

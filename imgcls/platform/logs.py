@@ -29,3 +29,12 @@ def configure_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("imgcls").setLevel(level)
+
+
+def configure_worker_logging() -> None:
+    """In a Ray worker (a training worker, a Tune trial): Ray already forwards worker log records to
+    the driver when the worker has a handler; only add ours when it has none."""
+    if logging.getLogger().handlers:
+        logging.getLogger("imgcls").setLevel(logging.INFO)
+    else:
+        configure_logging()

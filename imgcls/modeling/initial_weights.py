@@ -51,8 +51,8 @@ def transfer_weights(source, target, same_classes: bool) -> tuple[list[str], lis
 
 
 def _warm_start(config: JobConfig, class_names: list[str]) -> list[np.ndarray]:
-    from imgcls.artifact import load_artifact
-    from imgcls.models import create_model
+    from imgcls.modeling.artifact import load_artifact
+    from imgcls.modeling.models import create_model
 
     source, metadata = load_artifact(config.model.init_from, config.storage.endpoint_url)
     if tuple(metadata.image_size) != tuple(config.data.image_size) or metadata.channels != config.data.channels:
@@ -83,7 +83,7 @@ def prepare_initial_weights(config: JobConfig, class_names: list[str]) -> list[n
     if config.model.init_from:
         return _warm_start(config, class_names)
     if config.model.name in BACKBONES and config.model.weights != "none":
-        from imgcls.backbones import load_pretrained_model
+        from imgcls.modeling.backbones import load_pretrained_model
 
         model = load_pretrained_model(
             config.model,

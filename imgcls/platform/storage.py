@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from imgcls.errors import UserError, redact, shorten
+from imgcls.errors import StorageError, UserError, redact, shorten
 
 BASE_DIR_VARIABLE = "IMGCLS_BASE_DIR"
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -62,10 +62,6 @@ class Location:
     @property
     def name(self) -> str:
         return PurePosixPath(self.path).name if self.is_local else self.path.rsplit("/", 1)[-1]
-
-
-class StorageError(UserError):
-    """A bucket, endpoint or folder that cannot be reached, read or written: the user's to fix."""
 
 
 def _describe_failure(error: BaseException) -> str:

@@ -25,13 +25,14 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from imgcls import storage
-from imgcls.errors import DataError, clip
+from imgcls.errors import DataError, StorageError, clip
+from imgcls.platform import storage
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +71,53 @@ def _relative(output: storage.Location, path: str) -> str:
 def _read_json(location: storage.Location) -> dict[str, Any] | None:
     try:
         loaded = json.loads(storage.read_bytes(location))
-    except (ValueError, storage.StorageError):
+    except (ValueError, StorageError):
         return None
     return loaded if isinstance(loaded, dict) else None
 
 
-def write_run_record(output: storage.Location, run_id: str, record: dict[str, Any]) -> None:
-    storage.write_text_atomic(output.join(RUNS, f"{run_id}.json"), json.dumps(record, indent=2))
+class RunRecord(BaseModel):
+    """`_runs/<run_id>.json`: one bulk run, what it was given and what it did. Written when the run
+    starts (status running) and again when it ends; a killed run's record is marked abandoned by the
+    next run. Keys other runs or tools added are kept."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    run_id: str
+    status: Literal["running", "succeeded", "failed", "abandoned"]
+    input: str
+    output: str
+    model: str
+    model_version: str
+    overwrite: bool = False
+    images_listed: int = 0
+    already_done: int = 0
+    duplicates_dropped: int = 0
+    model_placement: str | None = None
+    placement_reason: str | None = None
+    started: str
+    finished: str | None = None
+    classified: int | None = None
+    errored: int | None = None
+    superseded_rows: int | None = None
+    seconds: float | None = None
+    images_per_second: float | None = None
+    files: list[str] = Field(default_factory=list, description="URIs of the run's committed Parquet files.")
+    error: str | None = None
+
+
+def write_run_record(output: storage.Location, record: RunRecord) -> None:
+    storage.write_text_atomic(output.join(RUNS, f"{record.run_id}.json"), record.model_dump_json(indent=2))
+
+
+def read_run_record(output: storage.Location, run_id: str) -> RunRecord | None:
+    """The run's record, or None when there is none or it is not one of ours."""
+    location = output.join(RUNS, f"{run_id}.json")
+    values = _read_json(location) if storage.exists(location) else None
+    try:
+        return RunRecord.model_validate(values) if values is not None else None
+    except ValidationError:
+        return None
 
 
 def begin_staging(output: storage.Location, run_id: str, model_version: str) -> storage.Location:
@@ -100,16 +141,14 @@ def discard_stale_staging(output: storage.Location) -> None:
     for path in _child_directories(output.join(STAGING)):
         run_id = path.rstrip("/").rsplit("/", 1)[-1]
         folder = storage.Location(output.filesystem, path, output.endpoint_url)
-        record_location = output.join(RUNS, f"{run_id}.json")
-        record = _read_json(record_location) if storage.exists(record_location) else None
+        record = read_run_record(output, run_id)
         if record is None and not _marker_names(folder, run_id):
             logger.warning("left %s alone in %s: imgcls did not write it", run_id, output.join(STAGING).uri)
             continue
         with storage.user_facing_errors(folder, "remove the stale staging folder"):
             output.filesystem.delete_dir(path)
-        if record is not None and record.get("status") == "running":
-            record["status"] = "abandoned"
-            write_run_record(output, run_id, record)
+        if record is not None and record.status == "running":
+            write_run_record(output, record.model_copy(update={"status": "abandoned"}))
         logger.info("discarded the unfinished run %s left in %s", run_id, output.join(STAGING).uri)
 
 
@@ -166,8 +205,8 @@ def _run_is_owned(output: storage.Location, run_id: str, folder: str, files: lis
     if any(path.endswith(f"/{RUN_MARKER}") for path in files):
         return _marker_names(location, run_id)
     # Runs committed before run markers: the record must list every file of the folder.
-    record = _read_json(output.join(RUNS, f"{run_id}.json")) or {}
-    listed = {uri.removeprefix("s3://") for uri in record.get("files", [])}
+    record = read_run_record(output, run_id)
+    listed = {uri.removeprefix("s3://") for uri in (record.files if record else [])}
     return bool(files) and set(files) <= listed
 
 
@@ -251,8 +290,7 @@ def write_staged_files(
     run's staging folder, holding at most one row group in memory; returns the number of rows written.
 
     The job's driver writes the (small) prediction rows itself: Ray Data's Write operator runs a
-    task per block, and on a busy node each of those tasks started a new worker process (measured:
-    20 processes and 48 CPU-seconds for 20,000 images on 2 cores)."""
+    task per block, and on a busy node each of those tasks starts a new worker process."""
     import pyarrow.parquet as pq
 
     if staging.is_local:

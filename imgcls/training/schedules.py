@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import math
 
-from imgcls.config import EarlyStoppingConfig, ScheduleConfig
+from imgcls.config import EarlyStoppingConfig, ScheduleConfig, metric_mode
 
 
 def improves(monitor: str, value: float, best: float | None, min_delta: float = 0.0) -> bool:
     """Losses improve downwards, everything else (accuracy) upwards."""
     if best is None:
         return True
-    if monitor.endswith("loss"):
+    if metric_mode(monitor) == "min":
         return value < best - min_delta
     return value > best + min_delta
 

@@ -1,9 +1,8 @@
 """Importing TensorFlow for inference in as little time as it takes.
 
 `import tensorflow` also imports Keras, and Keras imports scikit-learn (for its sklearn wrappers) and
-matplotlib (for its plot galleries) whenever they are installed: about 2 of the 5-6 seconds a fresh
-process spends importing TensorFlow on 2 cores, paid by every model actor before it classifies its
-first image. A predictor uses neither, so in processes imgcls owns (model actors, and the driver of
+matplotlib (for its plot galleries) whenever they are installed: a large share of a fresh process's
+TensorFlow import, paid by every model actor before it classifies its first image. A predictor uses neither, so in processes imgcls owns (model actors, and the driver of
 a job started from the command line) TensorFlow is imported with them hidden. In such a process
 Keras' sklearn wrappers and plot galleries are unavailable; the packages themselves still import
 normally afterwards. In someone else's process (a notebook calling `imgcls.predict.run`) nothing is

@@ -40,8 +40,8 @@ def _row_bands(image: Image.Image):
 
 def _to_eight_bit(image: Image.Image) -> Image.Image:
     """16-bit and 32-bit greyscale would be clipped by Pillow's convert; rescale them instead:
-    round((p - low) * 255 / (high - low)), in bands of rows so memory stays bounded (a float64 copy
-    of a 9400x9400 16-bit image alone was 700 MB)."""
+    round((p - low) * 255 / (high - low)), in bands of rows so memory stays bounded (never a float
+    copy of the whole image)."""
     low = high = None
     for _, _, values in _row_bands(image):
         band_low, band_high = values.min(), values.max()

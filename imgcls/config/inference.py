@@ -1,0 +1,160 @@
+"""Settings of the jobs that run a model over images, predict and evaluate: the ones they share are
+written once (`InferenceSettings`). Imports no TensorFlow or Ray."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from imgcls.config.common import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    MAX_IMAGE_PIXELS_LIMIT,
+    MIN_IMAGE_PIXELS_LIMIT,
+    StorageConfig,
+    StrictModel,
+    _usable_output,
+    normalised_uri,
+    uri_contains,
+)  # fmt: skip
+from imgcls.errors import clip
+
+# Where bulk classification runs its model (see PredictConfig.placement).
+Placement = Literal["auto", "driver", "actor_pool"]
+
+
+class InferenceSettings(StrictModel):
+    """The settings predict and evaluate share: the model, how images are decoded, and where the
+    model runs. CLI flags fill these and `--set` can change any of them."""
+
+    model: str = Field(description="URI of a model artifact directory (contains model.keras and metadata.json).")
+    batch_size: int = Field(default=64, gt=0, description="Images per model call.")
+    decode_batch_size: int = Field(default=64, gt=0, description="Images decoded per Ray Data task batch.")
+    num_actors: int | None = Field(
+        default=None, gt=0, description="Model actors in the pool. Unset: cluster CPUs minus one, at least one."
+    )
+    max_actors: int | None = Field(
+        default=None,
+        gt=0,
+        description="Let the pool grow from num_actors up to this many actors while they are busy and the "
+        "cluster has room (an autoscaling pool). Unset: a fixed pool of num_actors.",
+    )
+    use_gpu: bool = Field(default=False, description="Give each model actor one GPU.")
+    placement: Placement = Field(
+        default="auto",
+        description="Where the model runs. driver: in the job's own process, decoding on threads (no Ray tasks or "
+        "actors). actor_pool: Ray Data decode tasks and a pool of model actors. auto: a pool when one is sized "
+        "(use_gpu, num_actors, max_actors) or when a run of at least pool_min_images can use more than this "
+        "machine (a Ray cluster of several nodes, or a machine with more than 8 CPUs); otherwise the driver.",
+    )
+    pool_min_images: int = Field(
+        default=5_000,
+        ge=0,
+        description="With placement auto, runs with fewer images stay in the job's own process without looking "
+        "for a Ray cluster: an actor pool takes seconds to start, longer than such a run.",
+    )
+    max_image_pixels: int = Field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        ge=MIN_IMAGE_PIXELS_LIMIT,
+        le=MAX_IMAGE_PIXELS_LIMIT,
+        description="Larger images are refused as possible decompression bombs (1,024 to 1,000,000,000).",
+    )
+    max_image_bytes: int = Field(
+        default=DEFAULT_MAX_IMAGE_BYTES, ge=1024, description="Larger image files are not read: an error row (256 MiB)."
+    )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("output", check_fields=False)
+    @classmethod
+    def _output_usable(cls, value: str) -> str:
+        return _usable_output(value)
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> "InferenceSettings":
+        _check_pool_bounds(self)
+        return self
+
+
+class PredictConfig(InferenceSettings):
+    """Bulk classification settings; CLI flags fill these and `--set` can change any of them."""
+
+    input: str = Field(description="URI of a folder of images (read recursively) or a CSV/Parquet manifest with a `path` column.")
+    output: str = Field(description="URI of the Parquet dataset directory the predictions are written to.")
+    top_k: int | None = Field(
+        default=None, gt=0, description="Labels kept per image in top_k_labels; default min(5, number of classes)."
+    )
+    allow_foreign_files: bool = Field(
+        default=False,
+        description="Let the output folder hold files imgcls did not write (they are left alone, never read or "
+        "deleted). Default: such an output is refused, since it is usually a wrong --output.",
+    )
+    lock_ttl_s: float = Field(
+        default=120.0,
+        ge=1,
+        le=86_400,
+        description="Seconds the output's one-writer lease (output/_lock) lasts without a heartbeat; the holder "
+        "renews it every ttl/4. A killed run's lease is taken over once it has expired (at once on the same "
+        "machine, when its process is gone).",
+    )
+    lock_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds a run waits for another run's lease on the same output before exit 2. 0: give up at once.",
+    )
+    min_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Rows whose top score is below this get label 'unknown' (their top-k is kept). Unset: off.",
+    )
+    rows_per_file: int | None = Field(
+        default=None, gt=0, description="Upper bound on rows per Parquet file (bounds file sizes). Unset: 1,000,000."
+    )
+    partition_by: Literal["run_date"] | None = Field(
+        default=None, description="run_date: write each run under `run_date=YYYY-MM-DD/` (UTC) partitions."
+    )
+    overwrite: bool = Field(
+        default=False,
+        description="Reclassify every input and replace the earlier output. Default: skip images already in the "
+        "output for this model_version, so a rerun only classifies new arrivals.",
+    )
+
+    @model_validator(mode="after")
+    def _paths_differ(self) -> "PredictConfig":
+        if normalised_uri(self.input) == normalised_uri(self.output):
+            raise ValueError("output must differ from input, or predictions would be mixed with the images")
+        # Overwriting replaces the output folder: inside the input it would delete images, and around it
+        # the run would classify (and then delete) its own earlier output.
+        if self.overwrite and (uri_contains(self.input, self.output) or uri_contains(self.output, self.input)):
+            inner, outer = ("output", "input") if uri_contains(self.input, self.output) else ("input", "output")
+            raise ValueError(
+                f"with overwrite, {inner} ({clip(getattr(self, inner))}) must not lie inside {outer} "
+                f"({clip(getattr(self, outer))}): replacing the output would touch the images being classified"
+            )
+        return self
+
+
+def pool_settings(config: "InferenceSettings") -> list[str]:
+    """The settings given that size an actor pool (each of them asks for one)."""
+    given = (("use_gpu", config.use_gpu), ("num_actors", config.num_actors), ("max_actors", config.max_actors))
+    return [name for name, value in given if value]
+
+
+def _check_pool_bounds(config: "InferenceSettings") -> None:
+    num_actors, max_actors = config.num_actors, config.max_actors
+    if num_actors is not None and max_actors is not None and max_actors < num_actors:
+        raise ValueError(f"max_actors ({max_actors}) must be at least num_actors ({num_actors}), the pool's minimum")
+    sized = pool_settings(config)
+    if config.placement == "driver" and sized:
+        raise ValueError(f"{' and '.join(sized)} size an actor pool, and placement driver has none: drop them or use placement auto")
+
+
+class EvaluateConfig(InferenceSettings):
+    """Evaluation of an artifact on labelled images; CLI flags fill these and `--set` can change any."""
+
+    data: str = Field(description="Labelled images: a folder per class or a CSV/Parquet manifest with path,label.")
+    output: str = Field(description="Folder for metrics.json, figures, mistakes.parquet and report.md.")
+    top_k: int = Field(default=5, gt=0, description="k of the top-k accuracy (capped at the number of classes).")
+    calibration_bins: int = Field(default=15, ge=2, le=100, description="Equal-width confidence bins for the ECE.")
+    mistakes: int = Field(default=50, ge=0, description="Most confident mistakes kept in mistakes.parquet.")

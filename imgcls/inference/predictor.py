@@ -1,0 +1,171 @@
+"""The model side of bulk classification: one `Predictor` built from an artifact, used alike in the
+job's process and in Ray Data actor pools, turning decoded batches into class probabilities and
+prediction rows."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from imgcls.config import EvaluateConfig, PredictConfig
+from imgcls.platform import storage
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_LABEL = "unknown"
+
+# What a Predictor returns per batch: Parquet prediction rows, or each image's probability per class.
+Output = Literal["rows", "probabilities"]
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("path", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("score", pa.float32()),
+        pa.field("top_k_labels", pa.list_(pa.string())),
+        pa.field("top_k_scores", pa.list_(pa.float32())),
+        pa.field("model_version", pa.string()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+def class_probabilities(raw_outputs: np.ndarray, task: str) -> np.ndarray:
+    """The model's outputs as one probability per class (a sigmoid unit becomes [1 - p, p])."""
+    raw_outputs = np.asarray(raw_outputs, dtype=np.float32)
+    if task == "binary":
+        positive = raw_outputs.reshape(-1)
+        return np.stack([1.0 - positive, positive], axis=1)
+    return raw_outputs
+
+
+def _limit_tensorflow_threads(threads: int) -> None:
+    """Keep TensorFlow to the CPUs the actor reserved: by default it spins up a thread per core of
+    the node and competes with the decode tasks that Ray placed beside it."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:  # TensorFlow already ran in this process (an in-process call): keep its pool.
+        logger.debug("TensorFlow thread pools already initialised; not limiting them to %d", threads)
+
+
+class Predictor:
+    """Callable class for `Dataset.map_batches`: loads the artifact once per actor, then turns
+    decoded batches (path, image, error) into prediction rows with the Parquet schema, or into
+    probability rows (path, probabilities, error) for evaluation."""
+
+    def __init__(
+        self,
+        model_uri: str,
+        top_k: int,
+        batch_size: int,
+        endpoint_url: str | None = None,
+        min_score: float | None = None,
+        cpu_threads: int | None = None,
+        lean_import: bool = False,
+        output: Output = "rows",
+    ):
+        from imgcls.platform.tensorflow_import import import_for_inference
+
+        import_for_inference(lean=lean_import)
+        if cpu_threads is not None:
+            _limit_tensorflow_threads(cpu_threads)
+        from imgcls.modeling.artifact import load_artifact
+
+        self.model, self.metadata = load_artifact(model_uri, endpoint_url)
+        self.class_names = np.array(self.metadata.class_names, dtype=object)
+        self.top_k = min(top_k, len(self.class_names))
+        self.batch_size = batch_size
+        self.min_score = min_score
+        self.output = output
+
+    @classmethod
+    def from_artifact(
+        cls, model_uri: str, top_k: int = 5, batch_size: int = 64, endpoint_url: str | None = None
+    ) -> "Predictor":
+        return cls(model_uri, top_k, batch_size, endpoint_url)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        outputs = [
+            self.model.predict_on_batch(images[start : start + self.batch_size].astype(np.float32))
+            for start in range(0, len(images), self.batch_size)
+        ]
+        return class_probabilities(np.concatenate(outputs, axis=0), self.metadata.task)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        paths = [str(path) for path in batch["path"]]
+        errors = [str(error) for error in batch["error"]]
+        readable = np.array([error == "" for error in errors], dtype=bool)
+        if self.output == "probabilities":
+            return self._probability_rows(batch, paths, errors, readable)
+        rows = len(paths)
+        labels: list[str | None] = [None] * rows
+        scores: list[float | None] = [None] * rows
+        top_labels: list[list[str] | None] = [None] * rows
+        top_scores: list[list[float] | None] = [None] * rows
+        if readable.any():
+            probabilities = self.probabilities(batch["image"][readable])
+            ranking = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.top_k]
+            ranked_scores = np.take_along_axis(probabilities, ranking, axis=1)
+            for position, row in enumerate(np.flatnonzero(readable)):
+                top_labels[row] = self.class_names[ranking[position]].tolist()
+                top_scores[row] = ranked_scores[position].tolist()
+                scores[row] = float(ranked_scores[position, 0])
+                below = self.min_score is not None and scores[row] < self.min_score
+                labels[row] = UNKNOWN_LABEL if below else top_labels[row][0]
+        return pa.table(
+            {
+                "path": pa.array(paths, pa.string()),
+                "label": pa.array(labels, pa.string()),
+                "score": pa.array(scores, pa.float32()),
+                "top_k_labels": pa.array(top_labels, pa.list_(pa.string())),
+                "top_k_scores": pa.array(top_scores, pa.list_(pa.float32())),
+                "model_version": pa.array([self.metadata.model_version] * rows, pa.string()),
+                "error": pa.array([error or None for error in errors], pa.string()),
+            },
+            schema=PREDICTION_SCHEMA,
+        )
+
+    def _probability_rows(self, batch, paths: list[str], errors: list[str], readable: np.ndarray) -> pa.Table:
+        probabilities: list[list[float] | None] = [None] * len(paths)
+        if readable.any():
+            for row, values in zip(np.flatnonzero(readable), self.probabilities(batch["image"][readable])):
+                probabilities[row] = values.tolist()
+        return pa.table(
+            {
+                "path": pa.array(paths, pa.string()),
+                "probabilities": pa.array(probabilities, pa.list_(pa.float32())),
+                "error": pa.array([error or None for error in errors], pa.string()),
+            }
+        )
+
+
+def predictor_arguments(
+    config: PredictConfig | EvaluateConfig, top_k: int, min_score: float | None, output: Output = "rows"
+) -> dict:
+    endpoint_url = config.storage.endpoint_url
+    return {
+        "model_uri": storage.resolve(config.model, endpoint_url).uri,
+        "top_k": top_k,
+        "batch_size": config.batch_size,
+        "endpoint_url": endpoint_url,
+        "min_score": min_score,
+        "output": output,
+    }
+
+
+def decode_arguments(config: PredictConfig | EvaluateConfig, metadata) -> dict:
+    """What `decode_batch` needs, from the run's settings and the artifact (one mapping for both the
+    decode threads and the Ray Data decode tasks)."""
+    return {
+        "image_size": tuple(metadata.image_size),
+        "channels": metadata.channels,
+        "max_pixels": config.max_image_pixels,
+        "endpoint_url": config.storage.endpoint_url,
+        "max_bytes": config.max_image_bytes,
+    }

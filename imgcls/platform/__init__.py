@@ -1,0 +1,1 @@
+"""Shared plumbing: storage URIs and bounded reads, Parquet runs and their lease, Ray start-up, CPU plans, logging, TensorFlow import."""

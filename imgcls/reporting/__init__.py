@@ -1,0 +1,1 @@
+"""What runs produce for people: metrics, figures, training history."""

@@ -1,0 +1,233 @@
+"""The per-worker side of Ray Train: what the driver hands each worker (`WorkerPlan`), and the loop
+every worker runs (`train_loop_per_worker`: build, restore, train epoch by epoch, checkpoint)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from imgcls.config import JobConfig
+from imgcls.training.feed import EpochFeed, evaluation_batches
+from imgcls.training.finetune import PhasePlan
+from imgcls.training.state import TrainState
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerPlan(BaseModel):
+    """Everything the driver hands the workers (Ray Train's `train_loop_config={"plan": plan}`)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    config: JobConfig
+    class_names: list[str]
+    steps_per_epoch: int
+    rows_per_worker: int
+    train_shards: list[Any]  # one Ray Data shard per worker, equal sizes
+    val_shards: list[Any] | None = None
+    class_weights: list[float] | None = None
+    initial_weights: Any | None = None  # a Ray object reference to the starting weights, or None
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: one model replica, one shard of the data. Resumes from
+    `ray.train.get_checkpoint()` after a restart, or when the same run (same output_dir) is started
+    again after the driver died."""
+    import ray.train
+    import tensorflow as tf
+
+    # The strategy must exist before TensorFlow runs any op in this process.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    from imgcls.platform.logs import configure_worker_logging
+
+    configure_worker_logging()
+    plan: WorkerPlan = loop_config["plan"]
+    worker = Worker.build(plan, strategy, ray.train.get_context().get_world_rank())
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        worker.restore(checkpoint)
+    for epoch in range(worker.state.epoch, plan.config.train.epochs):
+        if worker.state.finished:
+            break
+        metrics = worker.run_epoch(epoch)
+        worker.save_and_report(metrics)
+    if worker.resumed_finished and worker.rank == 0:
+        logger.info("training had already finished; nothing left to do")
+
+
+@dataclass
+class Worker:
+    """One replica's model, optimizer, steps, data feed and state, and the epoch that uses them."""
+
+    plan: WorkerPlan
+    rank: int
+    model: Any
+    optimizer: Any
+    steps: Any
+    phases: PhasePlan
+    feed: EpochFeed
+    val_shard: Any
+    state: TrainState
+    mixed_precision: bool
+    resumed_finished: bool = False
+    learning_rate: float | None = None
+    started: float = 0.0
+    first_epoch: int = 0
+
+    @classmethod
+    def build(cls, plan: WorkerPlan, strategy, rank: int) -> "Worker":
+        import keras
+        import ray
+
+        from imgcls.modeling.losses import create_loss
+        from imgcls.modeling.models import create_model, create_optimizer
+        from imgcls.training.steps import build_steps
+
+        config = plan.config
+        mixed_precision = config.train.mixed_precision and config.scaling.use_gpu
+        if mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        keras.utils.set_random_seed(config.seed)
+        phases = PhasePlan(config)
+        num_classes = len(plan.class_names)
+        with strategy.scope():
+            model = create_model(config.model, tuple(config.data.image_size), config.data.channels, num_classes)
+            optimizer = create_optimizer(config.train.optimizer, config.train.learning_rate)
+            if mixed_precision:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            phases.prepare_for_optimizer(model)
+            optimizer.build(model.trainable_variables)
+        if plan.initial_weights is not None:
+            model.set_weights(ray.get(plan.initial_weights))
+        loss_function = create_loss(num_classes, config.train.label_smoothing, plan.class_weights)
+        return cls(
+            plan=plan, rank=rank, model=model, optimizer=optimizer,
+            steps=build_steps(strategy, model, optimizer, loss_function, num_classes, mixed_precision),
+            phases=phases, feed=EpochFeed(plan.train_shards[rank], config, plan.rows_per_worker, rank),
+            val_shard=plan.val_shards[rank] if plan.val_shards else None, state=TrainState(config),
+            mixed_precision=mixed_precision, started=time.perf_counter(),
+        )  # fmt: skip
+
+    def restore(self, checkpoint) -> None:
+        from imgcls.training.checkpoint import restore_checkpoint
+
+        with checkpoint.as_directory() as directory:
+            self.state = restore_checkpoint(directory, self.model, self.optimizer, self.plan.config)
+        total = self.plan.config.train.epochs
+        if self.rank == 0:
+            logger.info("resuming from the checkpoint after epoch %d of %d", self.state.epoch, total)
+        self.resumed_finished = self.state.finished
+        self.first_epoch = self.state.epoch
+
+    def set_learning_rate(self, value: float) -> None:
+        if value != self.learning_rate:
+            target = self.optimizer.inner_optimizer if self.mixed_precision else self.optimizer
+            target.learning_rate.assign(value)
+            self.learning_rate = value
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Train one epoch, validate, update the state; returns the epoch's metrics."""
+        from imgcls.training.schedules import learning_rate_at
+
+        config, steps_per_epoch = self.plan.config, self.plan.steps_per_epoch
+        if self.phases.enter(self.model, epoch, log=self.rank == 0):
+            self.steps.retrace_train_step()
+        epoch_started = time.perf_counter()
+        local_sums = np.zeros(3, dtype=np.float64)
+        steps = 0
+        for batch in self.feed.batches(epoch):
+            if steps == steps_per_epoch:
+                raise RuntimeError(f"worker {self.rank} received more than the planned {steps_per_epoch} batches")
+            self.set_learning_rate(learning_rate_at(
+                config.train.schedule, self.phases.base_learning_rate_at(epoch), epoch * steps_per_epoch + steps,
+                steps_per_epoch, config.train.epochs, self.state.plateau.scale,
+            ))  # fmt: skip
+            local_sums += self.steps.train(batch["image"], batch["label"])
+            steps += 1
+        if steps != steps_per_epoch:
+            # Stopping here (rather than waiting in a collective the others never join) lets Ray
+            # Train tear the group down instead of hanging.
+            raise RuntimeError(f"worker {self.rank} received {steps} batches, planned {steps_per_epoch}")
+        train_loss, train_correct, train_count = self.steps.sum_across_workers(local_sums)
+        train_seconds = time.perf_counter() - epoch_started
+        metrics: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(train_loss / train_count),
+            "accuracy": float(train_correct / train_count),
+            "learning_rate": float(self.learning_rate),
+            "images_per_second": float(train_count / train_seconds),
+            "train_images": int(train_count),
+        }
+        metrics.update(self.validate())
+        metrics["epoch_seconds"] = time.perf_counter() - epoch_started
+        self.state.record_epoch(metrics, self.model.get_weights)
+        self._finish_epoch(metrics)
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        if self.val_shard is None:
+            return {}
+        sums = np.zeros(3, dtype=np.float64)
+        for batch in evaluation_batches(self.val_shard, self.plan.config.train.batch_size):
+            sums += self.steps.eval(batch["image"], batch["label"])
+        loss, correct, count = self.steps.sum_across_workers(sums)
+        return {"val_loss": float(loss / max(count, 1.0)), "val_accuracy": float(correct / max(count, 1.0))}
+
+    def _finish_epoch(self, metrics: dict[str, Any]) -> None:
+        """Early stopping's weight restore, the replicas' checksums at the end, and the epoch's log line."""
+        early, state = self.plan.config.train.early_stopping, self.state
+        if state.stopped_early and early.restore_best_weights and state.best_weights is not None:
+            self.model.set_weights(state.best_weights)
+            metrics["restored_epoch"] = state.stopper.best_epoch
+        if state.finished:
+            checksum = float(sum(np.asarray(variable.numpy(), dtype=np.float64).sum() for variable in self.model.weights))
+            metrics["weights_checksums"] = [float(value) for value in self.steps.gather_across_workers([checksum])]
+            metrics["stopped_early"] = state.stopped_early
+        if self.rank == 0:
+            logger.info(epoch_line(metrics, self.plan.config.train.epochs, self._eta(metrics["epoch"])))
+            if state.stopped_early:
+                logger.info(
+                    "early stopping: %s did not improve for %d epochs; %s", early.monitor, early.patience,
+                    f"restored the weights of epoch {state.stopper.best_epoch}" if "restored_epoch" in metrics
+                    else "keeping the last weights",
+                )  # fmt: skip
+
+    def _eta(self, epochs_done: int) -> float:
+        done = epochs_done - self.first_epoch
+        return (time.perf_counter() - self.started) / done * (self.plan.config.train.epochs - epochs_done)
+
+    def save_and_report(self, metrics: dict[str, Any]) -> None:
+        """Report the epoch to Ray Train; rank 0 attaches the checkpoint."""
+        import ray.train
+
+        from imgcls.training.checkpoint import save_checkpoint
+
+        if self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="imgcls-checkpoint-") as directory:
+            save_checkpoint(directory, self.model, self.optimizer, self.state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def epoch_line(metrics: dict[str, Any], total_epochs: int, eta_seconds: float) -> str:
+    """The one log line per epoch a person reads."""
+    validation = (
+        f" val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f}" if "val_loss" in metrics else ""
+    )
+    return (
+        f"epoch {metrics['epoch']}/{total_epochs} loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f}"
+        f"{validation} lr {metrics['learning_rate']:.3g} images/s {metrics['images_per_second']:.0f} "
+        f"eta {format_seconds(eta_seconds)}"
+    )
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
