@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data demo test bench clean
+.PHONY: venv data demo test test-fast bench clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: data
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# The tests that need no Ray, S3 endpoint or cluster: a minute or two while you work.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not services"
 
 bench: data
 	$(BIN)/python bench/train_throughput.py
