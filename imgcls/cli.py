@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from imgcls.errors import UserError, clip
-from imgcls.platform.logs import configure_logging
+from imgcls.platform.logs import configure_logging, set_verbose, verbose
 
 logger = logging.getLogger("imgcls")
 
@@ -33,6 +33,11 @@ def _add_set_option(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="Override a config key (dotted, e.g. train.epochs=5); the value is parsed as YAML. Repeatable.",
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Also print Ray's and TensorFlow's own lines (as IMGCLS_LOG_LEVEL=DEBUG does).",
     )
 
 
@@ -140,10 +145,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) buries the useful lines.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    configure_logging()
     arguments = build_parser().parse_args(argv)
+    set_verbose(arguments.verbose)
+    # TensorFlow's C++ start-up chatter (CUDA probing on CPU machines) buries the useful lines.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose() else "2")
+    configure_logging()
     try:
         COMMANDS[arguments.verb](arguments)
     except UserError as error:

@@ -4,6 +4,7 @@ or actors to start and no images to move between processes."""
 from __future__ import annotations
 
 import logging
+import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,15 +47,17 @@ def batches_in_process(
     )  # fmt: skip
     # TensorFlow's import and the model load run on their own thread while decoding starts; the first
     # decoded block waits for the model.
+    # A bar on a terminal only, as Ray Data's bar does for runs with a pool: decided now, since the
+    # model's loading holds stderr for a moment (TensorFlow's start-up chatter is filtered out of it).
+    on_terminal = sys.stderr.isatty()
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgcls-model-load")
     loading = loader.submit(
         Predictor, **predictor_arguments(config, top_k, min_score, output), lean_import=process_is_ours()
     )
     loader.shutdown(wait=False)
-    # A bar on a terminal only (tqdm's default), as Ray Data's bar does for runs with a pool.
     with (
         reserved_cpus(placement.reserved_cpus),
-        tqdm(total=len(paths), unit="img", desc="classifying", disable=None, mininterval=0.5) as progress,
+        tqdm(total=len(paths), unit="img", desc="classifying", disable=not on_terminal, mininterval=0.5) as progress,
     ):
         for block in decoded_on_threads(config, metadata, paths, threads):
             table = loading.result()(block)

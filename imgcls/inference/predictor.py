@@ -70,14 +70,15 @@ class Predictor:
         lean_import: bool = False,
         output: Output = "rows",
     ):
+        from imgcls.modeling.artifact import load_artifact
+        from imgcls.platform.logs import native_chatter_filtered
         from imgcls.platform.tensorflow_import import import_for_inference
 
-        import_for_inference(lean=lean_import)
-        if cpu_threads is not None:
-            _limit_tensorflow_threads(cpu_threads)
-        from imgcls.modeling.artifact import load_artifact
-
-        self.model, self.metadata = load_artifact(model_uri, endpoint_url)
+        with native_chatter_filtered():  # TensorFlow's start-up, up to its first device probe
+            import_for_inference(lean=lean_import)
+            if cpu_threads is not None:
+                _limit_tensorflow_threads(cpu_threads)
+            self.model, self.metadata = load_artifact(model_uri, endpoint_url)
         self.class_names = np.array(self.metadata.class_names, dtype=object)
         self.top_k = min(top_k, len(self.class_names))
         self.batch_size = batch_size

@@ -121,7 +121,7 @@ class OutputLease:
         while True:
             holder = self._backend.try_acquire()
             if holder is None:
-                logger.info("holding the output lease %s (ttl %g s)", self.lock.uri, self.ttl_s)
+                logger.debug("holding the output lease %s (ttl %g s)", self.lock.uri, self.ttl_s)
                 return
             if time.monotonic() >= deadline:
                 raise OutputBusyError(

@@ -17,8 +17,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     a local Ray bound to the loopback interface, so nothing is reachable from the network."""
     import ray
 
+    from imgcls.platform.logs import verbose, worker_environment
+
     if ray.is_initialized():
         return
+    quiet = {} if verbose() else {"logging_level": logging.WARNING}
     address = os.environ.get("RAY_ADDRESS")
     if address and address.startswith(("http://", "https://")):
         # An address for `ray job submit` (the dashboard), not for drivers: on a cluster node,
@@ -26,7 +29,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         logger.info("RAY_ADDRESS %s is a Jobs API address; joining the Ray cluster on this machine", address)
         os.environ.pop("RAY_ADDRESS")
         try:
-            context = ray.init(address="auto", log_to_driver=True)
+            context = ray.init(address="auto", log_to_driver=True, **quiet)
             _check_same_dashboard(context.dashboard_url, address)
         except ConnectionError as error:
             raise UserError(
@@ -38,9 +41,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             os.environ["RAY_ADDRESS"] = address
     elif address:
         logger.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **quiet)
     else:
         logger.info("starting a local Ray (set RAY_ADDRESS to use a cluster)")
+        # A private Ray on one machine has no node to lose to preemption: no watcher actor (and no
+        # warning about its restarts).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard (on loopback only) serves Ray's state API, which Ray Train's placement-group
         # cleaner needs: without it, a trial that Ray Tune stops early leaks its workers' CPUs.
         ray.init(
@@ -50,7 +56,36 @@ def ensure_ray(num_cpus: int | None = None) -> None:
             dashboard_port=_dashboard_port(),
             _node_ip_address="127.0.0.1",
             log_to_driver=True,
+            runtime_env={"env_vars": worker_environment()},
+            **quiet,
         )
+    _quiet_ray_data()
+    logger.info("Ray's own logs: %s", session_logs())
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's progress bars on a terminal only (a long prediction with an actor pool), never as
+    log lines in a file; all of it again when verbose."""
+    import sys
+
+    import ray.data
+
+    from imgcls.platform.logs import quiet_third_parties, verbose
+
+    if not verbose():
+        ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+        quiet_third_parties()  # Ray Data's console handler exists now
+
+
+def session_logs() -> str:
+    """Where this Ray keeps its logs (on the head node of a cluster)."""
+    import ray
+
+    try:
+        node = ray._private.worker.global_worker.node
+        return os.path.join(node.get_session_dir_path(), "logs")
+    except AttributeError:  # a joined cluster: the session folder lives on its head node
+        return "the session folder of the cluster's head node (ray job logs, ray logs)"
 
 
 def _check_same_dashboard(dashboard_url: str | None, jobs_address: str) -> None:

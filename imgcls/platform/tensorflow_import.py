@@ -38,9 +38,12 @@ def import_for_inference(lean: bool = True) -> ModuleType:
     hidden = [name for name in KERAS_OPTIONAL_PACKAGES if lean and name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None  # type: ignore[assignment]
+    from imgcls.platform.logs import native_chatter_filtered
+
     try:
-        import keras  # noqa: F401  (imports tensorflow, its backend)
-        import tensorflow
+        with native_chatter_filtered():
+            import keras  # noqa: F401  (imports tensorflow, its backend)
+            import tensorflow
     finally:
         for name in hidden:
             if name in sys.modules and sys.modules[name] is None:
