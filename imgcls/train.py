@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from typing import Any
 
 from pydantic import BaseModel
@@ -142,9 +144,11 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     from imgcls.modeling.initial_weights import prepare_initial_weights
     from imgcls.platform.ray_runtime import cluster_totals, ensure_ray, free_resources
     from imgcls.platform.resources import plan_training
-    from imgcls.training.checkpoint import load_final_model
+    from imgcls.training.checkpoint import load_final_model, read_final_state
 
+    started = time.time()
     ensure_ray()
+    phases = {"ray_s": time.time() - started}
     totals = free_resources() if plan_with_free_cpus else cluster_totals()
     resources = plan_training(config.scaling, totals["CPU"], totals["GPU"])
     logger.info("resource plan: %s", resources.describe())
@@ -153,27 +157,16 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     _check_resumable(output_dir, config)
     storage.write_text_atomic(output_dir.join("config.yaml"), config_to_yaml(config))
     class_names, train_images, val_images = _list_data(config)
+    if config.train.deterministic:  # decoded blocks, and so the shards, in the listing's seeded order
+        import ray.data
+
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
     # Before decoding: a missing weights file or an offline ImageNet download fails in seconds.
     initial_weights = prepare_initial_weights(config, class_names)
     train_split, val_split = _decode_data(config, train_images, val_images)
     skipped = train_split.skipped + (val_split.skipped if val_split else [])
     _write_skipped(output_dir, skipped)
     _write_augmentation_samples(output_dir, train_split.dataset, config)
-    worker_plan = _worker_plan(config, class_names, train_split, val_split, resources.num_workers, initial_weights)
-    trainer = _trainer(config, worker_plan, resources, output_dir, callbacks)
-    logger.info(
-        "training %s on %d images (%d steps of %d per worker and epoch), %d validation images", config.model.name,
-        train_split.num_rows, worker_plan.steps_per_epoch, config.train.batch_size, val_split.num_rows if val_split else 0,
-    )  # fmt: skip
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        model, state = load_final_model(checkpoint_dir)
-    final_metrics = {key: value for key, value in (result.metrics or {}).items() if not key.startswith("_")}
-    if not final_metrics and state["history"]:
-        final_metrics = dict(state["history"][-1])
-    write_history(output_dir, state["history"], config.train.tensorboard)
     data_summary = {
         "train_uri": config.data.train,
         "val_uri": config.data.val,
@@ -182,8 +175,62 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
         "skipped_images": len(skipped),
         "train_class_counts": train_split.class_counts,
     }
-    artifact_uri, model_version = _write_artifact(config, model, class_names, final_metrics, data_summary, output_dir)
+    worker_plan = _worker_plan(config, class_names, train_split, val_split, resources.num_workers, initial_weights)
+    worker_plan.artifact_uri = output_dir.join("model").uri
+    worker_plan.artifact_fields = _artifact_fields(config, class_names, data_summary)
+    trainer = _trainer(config, worker_plan, resources, output_dir, callbacks)
+    phases["data_s"] = time.time() - started - phases["ray_s"]
+    fit_started = time.time()
+    logger.info(
+        "training %s on %d images (%d steps of %d per worker and epoch), %d validation images", config.model.name,
+        train_split.num_rows, worker_plan.steps_per_epoch, config.train.batch_size, val_split.num_rows if val_split else 0,
+    )  # fmt: skip
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint; see the worker logs above")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        state = read_final_state(checkpoint_dir)
+        final_metrics = {key: value for key, value in (result.metrics or {}).items() if not key.startswith("_")}
+        if not final_metrics and state["history"]:
+            final_metrics = dict(state["history"][-1])
+        model_version = (result.metrics or {}).get("_model_version")
+        if model_version is None:
+            # Rank 0 writes the artifact from the live model as training ends; a run that had already
+            # finished before this one resumed it never got there, so it comes from the checkpoint.
+            model, _ = load_final_model(checkpoint_dir)
+            model_version = _write_artifact(config, model, class_names, final_metrics, data_summary, output_dir)
+    fit_ended = time.time()
+    write_history(output_dir, state["history"], config.train.tensorboard)
+    artifact_uri = worker_plan.artifact_uri
+    logger.info("model artifact %s written to %s", model_version, artifact_uri)
+    _report_phases(output_dir, phases, state, result.metrics or {}, fit_started, fit_ended, started)
     return TrainResult(artifact_uri=artifact_uri, model_version=model_version, metrics=final_metrics, history=state["history"])
+
+
+def _report_phases(output_dir, phases: dict[str, float], state: dict, metrics: dict, fit_started: float,
+                   fit_ended: float, started: float) -> None:  # fmt: skip
+    """Where this run's time went, in timings.json and one log line: Ray's start, listing and
+    decoding, the workers' start-up before the first epoch, the epochs (of which checkpoints), and
+    the end of training to the written artifact and history."""
+    timings = state.get("timings", {})
+    epochs = sum(entry.get("epoch_seconds", 0.0) for entry in state["history"])
+    phases.update(
+        workers_start_s=max(0.0, timings.get("first_epoch_started", fit_started) - fit_started),
+        epochs_s=epochs,
+        checkpoint_s=metrics.get("_checkpoint_seconds", timings.get("checkpoint_seconds", 0.0)),
+        checkpoints=timings.get("checkpoints", 0) + (1 if "_checkpoint_seconds" in metrics else 0),
+        teardown_s=max(0.0, fit_ended - timings.get("last_epoch_finished", fit_ended)),
+        history_s=time.time() - fit_ended,
+        total_s=time.time() - started,
+    )
+    phases = {key: round(value, 3) if isinstance(value, float) else value for key, value in phases.items()}
+    storage.write_text_atomic(output_dir.join("timings.json"), json.dumps(phases, indent=2))
+    logger.info(
+        "took %.1f s: Ray %.1f s, data %.1f s, workers' start %.1f s, %d epochs %.1f s (%d checkpoints %.1f s), "
+        "end of training to artifact %.1f s", phases["total_s"], phases["ray_s"], phases["data_s"],
+        phases["workers_start_s"], len(state["history"]), phases["epochs_s"], phases["checkpoints"],
+        phases["checkpoint_s"], phases["teardown_s"] + phases["history_s"],
+    )  # fmt: skip
 
 
 def _worker_plan(config: JobConfig, class_names: list[str], train_split, val_split, num_workers: int, initial_weights):
@@ -213,6 +260,7 @@ def _worker_plan(config: JobConfig, class_names: list[str], train_split, val_spl
         )
     return WorkerPlan(
         config=config, class_names=class_names, steps_per_epoch=math.ceil(rows_per_worker / config.train.batch_size),
+        val_rows=math.ceil(val_split.num_rows / num_workers) if val_shards else 0,
         rows_per_worker=rows_per_worker, train_shards=train_split.dataset.split(num_workers, equal=True),
         val_shards=val_shards, class_weights=class_weights,
         initial_weights=ray.put(initial_weights) if initial_weights is not None else None,
@@ -221,17 +269,20 @@ def _worker_plan(config: JobConfig, class_names: list[str], train_split, val_spl
 
 def _trainer(config: JobConfig, worker_plan, resources, output_dir: storage.Location, callbacks: list | None):
     import ray.train
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from imgcls.platform.logs import verbose, worker_environment
+    from imgcls.training.backend import MultiWorkerConfig
     from imgcls.training.worker import train_loop_per_worker
 
     resources_per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if resources.gpus_per_worker:
         resources_per_worker["GPU"] = resources.gpus_per_worker
     monitor = config.train.checkpoint_monitor if worker_plan.val_shards else "loss"
-    return TensorflowTrainer(
+    return DataParallelTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": worker_plan},
+        backend_config=MultiWorkerConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources_per_worker
         ),
@@ -241,6 +292,9 @@ def _trainer(config: JobConfig, worker_plan, resources, output_dir: storage.Loca
             storage_filesystem=None if output_dir.is_local else output_dir.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             callbacks=callbacks,
+            # Ray Train's own INFO lines (worker group start, each report) only when verbose.
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+            worker_runtime_env={"env_vars": worker_environment()},
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=config.train.checkpoints_to_keep,
                 checkpoint_score_attribute=monitor,
@@ -250,26 +304,24 @@ def _trainer(config: JobConfig, worker_plan, resources, output_dir: storage.Loca
     )
 
 
-def _write_artifact(config: JobConfig, model, class_names: list[str], metrics: dict[str, Any], data_summary: dict[str, Any],
-                    output_dir: storage.Location) -> tuple[str, str]:  # fmt: skip
-    from imgcls.modeling.artifact import save_artifact
-    from imgcls.modeling.models import task_for
+def _artifact_fields(config: JobConfig, class_names: list[str], data_summary: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's metadata but for the final metrics, known before training starts."""
+    from imgcls.modeling.artifact import task_for
 
-    artifact_uri = output_dir.join("model").uri
-    metadata = save_artifact(
-        model,
-        {
-            "class_names": class_names,
-            "image_size": tuple(config.data.image_size),
-            "channels": config.data.channels,
-            "task": task_for(len(class_names)),
-            "model_name": config.model.name,
-            "metrics": metrics,
-            "config": config.model_dump(mode="json"),
-            "data_summary": data_summary,
-        },
-        artifact_uri,
-        config.storage.endpoint_url,
-    )
-    logger.info("model artifact %s written to %s", metadata.model_version, artifact_uri)
-    return artifact_uri, metadata.model_version
+    return {
+        "class_names": class_names,
+        "image_size": tuple(config.data.image_size),
+        "channels": config.data.channels,
+        "task": task_for(len(class_names)),
+        "model_name": config.model.name,
+        "config": config.model_dump(mode="json"),
+        "data_summary": data_summary,
+    }
+
+
+def _write_artifact(config: JobConfig, model, class_names: list[str], metrics: dict[str, Any], data_summary: dict[str, Any],
+                    output_dir: storage.Location) -> str:  # fmt: skip
+    from imgcls.modeling.artifact import save_artifact
+
+    fields = {**_artifact_fields(config, class_names, data_summary), "metrics": metrics}
+    return save_artifact(model, fields, output_dir.join("model").uri, config.storage.endpoint_url).model_version

@@ -1,5 +1,6 @@
-"""Real failures: a Ray Train worker SIGKILLed mid-epoch, and a training driver SIGKILLed after its
-first checkpoint. Both runs must finish with every epoch exactly once in history.csv."""
+"""Real failures: a Ray Train worker SIGKILLed between two checkpoints, and a training driver
+SIGKILLed after its first checkpoint. Both runs must finish with every epoch exactly once in
+history.csv, the worker's restart repeating only the epochs since the last checkpoint."""
 
 import csv
 import json
@@ -79,24 +80,27 @@ def history_epochs(output_dir: Path) -> list[int]:
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, slow_dataset, tmp_path):
     config = load_job_config(
         None,
-        [f"data.train={slow_dataset}", f"output_dir={tmp_path}", "train.epochs=4", "train.max_failures=2", *SLOW_RUN],
-    )
+        [f"data.train={slow_dataset}", f"output_dir={tmp_path}", "train.epochs=4", "train.max_failures=2",
+         "train.checkpoint_every_epochs=2", *SLOW_RUN],
+    )  # fmt: skip
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=train.run(config)), daemon=True)
     runner.start()
-    wait_for_checkpoint(tmp_path, 1)
+    wait_for_checkpoint(tmp_path, 2)
+    wait_for_snapshot(tmp_path)  # uploaded in the background: recorded by Ray Train only a moment later
     workers = [
         process
         for process in psutil.process_iter(["pid", "cmdline"])
         if "RayTrainWorker" in " ".join(process.info["cmdline"] or [])
     ]
     assert len(workers) == 1
-    assert checkpoint_epochs(tmp_path) == [1]  # epoch 2 is under way, not yet checkpointed
+    assert checkpoint_epochs(tmp_path) == [2]  # epoch 3 is under way; no checkpoint after epoch 1 or 3
     os.kill(workers[0].info["pid"], signal.SIGKILL)
     runner.join(timeout=600)
     assert "result" in outcome, "training did not finish after the worker was killed"
     assert history_epochs(tmp_path) == [1, 2, 3, 4]
     assert [entry["epoch"] for entry in outcome["result"].history] == [1, 2, 3, 4]
+    assert checkpoint_epochs(tmp_path) == [2, 4]  # the restart began after epoch 2 and repeated only 3
     assert (tmp_path / "model" / "model.keras").is_file()
     assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -105,7 +109,7 @@ def test_rerun_after_the_driver_died_resumes(ray_session, slow_dataset, tmp_path
     command = [
         sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--config", str(REPO_ROOT / "examples/configs/smoke.yaml"),
         "--set", f"data.train={slow_dataset}", "--set", f"output_dir={tmp_path}", "--set", "train.epochs=3",
-        "--set", "data.channels=3",
+        "--set", "data.channels=3", "--set", "train.checkpoint_every_epochs=1",
     ] + [argument for setting in SLOW_RUN for argument in ("--set", setting)]  # fmt: skip
     environment = {**os.environ, "RAY_ADDRESS": ray_session}
     first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,6 +137,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(ray_session, pattern
             f"data.train={pattern_dataset}", f"output_dir={tmp_path}", "data.image_size=[16, 16]",
             "data.val_fraction=0.25", "train.epochs=8", "train.batch_size=16",
             # No later epoch can beat the first by a whole 1.0 of accuracy: stop after `patience` more.
+            "train.checkpoint_every_epochs=1",
             "train.early_stopping.enabled=true", "train.early_stopping.monitor=val_accuracy",
             "train.early_stopping.min_delta=1.0", "train.early_stopping.patience=2",
         ],

@@ -157,7 +157,7 @@ def test_two_phase_finetuning_freezes_then_unfreezes_exactly_the_top_layers(ray_
         f"model.name={name}", f"model.weights={weights_file}", "model.dense_units=[]",
         f"data.image_size=[{BACKBONE_SIZE}, {BACKBONE_SIZE}]", "data.channels=3",
         "finetune.freeze_epochs=1", f"finetune.unfreeze_layers={unfreeze_layers}", "finetune.learning_rate=0.001",
-        "train.learning_rate=0.01",
+        "train.learning_rate=0.01", "train.checkpoint_every_epochs=1",
     ]  # fmt: skip
     config = load_job_config(None, overrides)
     result = train.run(config)

@@ -278,6 +278,25 @@ class TrainConfig(StrictModel):
     checkpoints_to_keep: int | None = Field(
         default=None, ge=1, description="Best checkpoints kept by checkpoint_monitor; unset keeps all."
     )
+    checkpoint_every_epochs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Write a checkpoint every this many epochs. Unset: automatic, after every epoch whose "
+        "checkpoint costs at most 5% of the epoch's time, otherwise whenever checkpoint_interval_s have passed "
+        "since the last one. Either way the last epoch (and the epoch early stopping ends on) is always "
+        "checkpointed, and a restart repeats at most the epochs since the last checkpoint.",
+    )
+    checkpoint_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="With automatic checkpoints: seconds of training after which an epoch is checkpointed even "
+        "when its checkpoint is expensive; 0 checkpoints every epoch. Bounds the work a failure can cost.",
+    )
+    deterministic: bool = Field(
+        default=True,
+        description="Bit-identical weights for the same config, data, seed, worker count and machine: "
+        "TensorFlow's deterministic ops and data in a fixed order. Off: whatever order and kernels are fastest.",
+    )
     mixed_precision: bool = Field(
         default=False, description="float16 compute with loss scaling; only applied when scaling.use_gpu is on."
     )

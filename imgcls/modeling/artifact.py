@@ -18,6 +18,13 @@ from imgcls.errors import SHOWN_VALUE_LIMIT, UserError, clip, shorten
 from imgcls.platform import storage
 
 MODEL_FILE = "model.keras"
+
+
+def task_for(num_classes: int) -> str:
+    """Two classes use one sigmoid unit (the tutorial's); more use a softmax over K units."""
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    return "binary" if num_classes == 2 else "multiclass"
 METADATA_FILE = "metadata.json"
 # Validation problems listed in one message at most; the rest are counted.
 LISTED_PROBLEMS = 5

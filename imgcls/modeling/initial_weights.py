@@ -75,23 +75,21 @@ def _warm_start(config: JobConfig, class_names: list[str]) -> list[np.ndarray]:
 
 
 def prepare_initial_weights(config: JobConfig, class_names: list[str]) -> list[np.ndarray] | None:
-    """The weights every worker starts from, or None for a fresh seeded initialisation."""
+    """The weights every worker starts from, or None for a fresh seeded initialisation (made by
+    the workers: the driver then never imports TensorFlow)."""
+    pretrained = config.model.name in BACKBONES and config.model.weights != "none"
+    if not config.model.init_from and not pretrained:
+        return None
     import keras
 
     # Seeded, so the new head starts the same way on every run of the same config.
     keras.utils.set_random_seed(config.seed)
     if config.model.init_from:
         return _warm_start(config, class_names)
-    if config.model.name in BACKBONES and config.model.weights != "none":
-        from imgcls.modeling.backbones import load_pretrained_model
+    from imgcls.modeling.backbones import load_pretrained_model
 
-        model = load_pretrained_model(
-            config.model,
-            tuple(config.data.image_size),
-            config.data.channels,
-            len(class_names),
-            config.storage.endpoint_url,
-        )
-        logger.info("backbone %s: weights from %s", config.model.name, config.model.weights)
-        return model.get_weights()
-    return None
+    model = load_pretrained_model(
+        config.model, tuple(config.data.image_size), config.data.channels, len(class_names), config.storage.endpoint_url
+    )
+    logger.info("backbone %s: weights from %s", config.model.name, config.model.weights)
+    return model.get_weights()

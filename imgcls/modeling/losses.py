@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import keras
-
-from imgcls.modeling.models import task_for
+from imgcls.modeling.artifact import task_for
 
 
 def class_weight_vector(
@@ -25,6 +23,7 @@ def class_weight_vector(
 def create_loss(num_classes: int, label_smoothing: float = 0.0, class_weights: list[float] | None = None):
     """A function (integer labels, probabilities) -> per-example losses, with optional label smoothing
     and class weights. No reduction: the distributed step averages over the global batch itself."""
+    import keras
     import tensorflow as tf
 
     binary = task_for(num_classes) == "binary"

@@ -5,13 +5,7 @@ from __future__ import annotations
 import keras
 
 from imgcls.config import BACKBONES, ModelConfig
-
-
-def task_for(num_classes: int) -> str:
-    """Two classes use one sigmoid unit (the tutorial's); more use a softmax over K units."""
-    if num_classes < 2:
-        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
-    return "binary" if num_classes == 2 else "multiclass"
+from imgcls.modeling.artifact import task_for  # noqa: F401  (part of this module's interface)
 
 
 def classification_head(features, num_classes: int):

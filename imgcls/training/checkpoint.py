@@ -44,6 +44,11 @@ def restore_checkpoint(directory: Path, model, optimizer, config: JobConfig) -> 
     return TrainState.from_dict(config, values, best_weights)
 
 
+def read_final_state(directory: Path) -> dict:
+    """The JSON state of a checkpoint (history, epochs done), without TensorFlow."""
+    return json.loads((Path(directory) / STATE_FILE).read_text())
+
+
 def load_final_model(directory: Path):
     """The driver's view of the last checkpoint: the trained model (safe mode) and the JSON state."""
     import keras

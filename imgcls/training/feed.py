@@ -60,16 +60,12 @@ class ShardCache:
         self.labels.append(batch["label"])
 
     def finish(self) -> None:
-        import numpy as np
-
         self.images = np.concatenate(self.images)
         self.labels = np.concatenate(self.labels)
         self.ready = True
 
     def batches(self, batch_size: int, seed: int):
         """A fresh seeded permutation every epoch, cut into batches like Ray Data's iterator."""
-        import numpy as np
-
         order = np.random.default_rng(seed).permutation(len(self.labels))
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
@@ -79,6 +75,29 @@ class ShardCache:
 def evaluation_batches(shard, batch_size: int):
     """Validation batches: the decoded pixels exactly as stored, never augmented."""
     return shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)
+
+
+class EvaluationFeed:
+    """One worker's validation batches each epoch: streamed from its shard the first time, and from
+    memory afterwards when the shard is small (no Ray Data job per epoch). Always in the same order."""
+
+    def __init__(self, shard, config: JobConfig, rows: int):
+        self.shard, self.batch_size = shard, config.train.batch_size
+        shard_bytes = rows * int(np.prod(config.data.image_size)) * config.data.channels
+        self.cached: list[dict] | None = None
+        self.cacheable = shard_bytes <= SHARD_CACHE_MAX_BYTES
+
+    def batches(self):
+        if self.cached is not None:
+            yield from self.cached
+            return
+        kept: list[dict] = []
+        for batch in evaluation_batches(self.shard, self.batch_size):
+            if self.cacheable:
+                kept.append({"image": batch["image"], "label": batch["label"]})
+            yield batch
+        if self.cacheable:
+            self.cached = kept
 
 
 class EpochFeed:

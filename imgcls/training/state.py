@@ -25,6 +25,9 @@ class TrainState:
     stopper: EarlyStopper | None = None
     stopped_early: bool = False
     best_weights: list[np.ndarray] | None = None
+    # Wall-clock seconds since the epoch (UNIX time) of the first epoch's start and the last epoch's
+    # end, and the seconds spent writing checkpoints: where a run's time went (timings.json).
+    timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.plateau = self.plateau or PlateauTracker(self.config.train.schedule)
@@ -41,6 +44,7 @@ class TrainState:
             "plateau": self.plateau.state(),
             "early_stopping": self.stopper.state(),
             "stopped_early": self.stopped_early,
+            "timings": self.timings,
         }
 
     @classmethod
@@ -53,6 +57,7 @@ class TrainState:
             stopper=EarlyStopper(config.train.early_stopping, **values["early_stopping"]),
             stopped_early=values.get("stopped_early", False),
             best_weights=best_weights,
+            timings=values.get("timings", {}),
         )
 
     def record_epoch(self, metrics: dict[str, Any], weights: Callable[[], list[np.ndarray]]) -> None:

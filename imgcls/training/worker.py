@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from imgcls.config import JobConfig
-from imgcls.training.feed import EpochFeed, evaluation_batches
+from imgcls.training.feed import EpochFeed, EvaluationFeed
 from imgcls.training.finetune import PhasePlan
 from imgcls.training.state import TrainState
 
@@ -33,22 +33,32 @@ class WorkerPlan(BaseModel):
     val_shards: list[Any] | None = None
     class_weights: list[float] | None = None
     initial_weights: Any | None = None  # a Ray object reference to the starting weights, or None
+    val_rows: int = 0
+    artifact_uri: str | None = None  # where rank 0 writes the model artifact when training ends
+    artifact_fields: dict[str, Any] = {}  # its metadata, less the final metrics
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: one model replica, one shard of the data. Resumes from
     `ray.train.get_checkpoint()` after a restart, or when the same run (same output_dir) is started
     again after the driver died."""
+    import ray.data
     import ray.train
-    import tensorflow as tf
 
-    # The strategy must exist before TensorFlow runs any op in this process.
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    from imgcls.platform.logs import configure_worker_logging
+    from imgcls.platform.logs import configure_worker_logging, native_chatter_filtered, verbose
 
-    configure_worker_logging()
+    configure_worker_logging()  # after Ray Data's import: it sets up handlers of its own
     plan: WorkerPlan = loop_config["plan"]
-    worker = Worker.build(plan, strategy, ray.train.get_context().get_world_rank())
+    data_context = ray.data.DataContext.get_current()
+    # Progress bars of this worker's shard iteration would interleave with the epoch lines.
+    data_context.enable_progress_bars = verbose()
+    data_context.execution_options.preserve_order = plan.config.train.deterministic
+    with native_chatter_filtered():  # TensorFlow's start-up, up to its first device probe
+        import tensorflow as tf
+
+        # The strategy must exist before TensorFlow runs any op in this process.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        worker = Worker.build(plan, strategy, ray.train.get_context().get_world_rank())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         worker.restore(checkpoint)
@@ -72,13 +82,15 @@ class Worker:
     steps: Any
     phases: PhasePlan
     feed: EpochFeed
-    val_shard: Any
+    validation: EvaluationFeed | None
     state: TrainState
     mixed_precision: bool
     resumed_finished: bool = False
     learning_rate: float | None = None
     started: float = 0.0
     first_epoch: int = 0
+    last_checkpoint_at: float = 0.0
+    last_checkpoint_seconds: float | None = None
 
     @classmethod
     def build(cls, plan: WorkerPlan, strategy, rank: int) -> "Worker":
@@ -94,6 +106,10 @@ class Worker:
         if mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
         keras.utils.set_random_seed(config.seed)
+        if config.train.deterministic:
+            import tensorflow as tf
+
+            tf.config.experimental.enable_op_determinism()
         phases = PhasePlan(config)
         num_classes = len(plan.class_names)
         with strategy.scope():
@@ -110,8 +126,9 @@ class Worker:
             plan=plan, rank=rank, model=model, optimizer=optimizer,
             steps=build_steps(strategy, model, optimizer, loss_function, num_classes, mixed_precision),
             phases=phases, feed=EpochFeed(plan.train_shards[rank], config, plan.rows_per_worker, rank),
-            val_shard=plan.val_shards[rank] if plan.val_shards else None, state=TrainState(config),
-            mixed_precision=mixed_precision, started=time.perf_counter(),
+            validation=EvaluationFeed(plan.val_shards[rank], config, plan.val_rows) if plan.val_shards else None,
+            state=TrainState(config), mixed_precision=mixed_precision, started=time.perf_counter(),
+            last_checkpoint_at=time.perf_counter(),
         )  # fmt: skip
 
     def restore(self, checkpoint) -> None:
@@ -139,6 +156,7 @@ class Worker:
         if self.phases.enter(self.model, epoch, log=self.rank == 0):
             self.steps.retrace_train_step()
         epoch_started = time.perf_counter()
+        self.state.timings.setdefault("first_epoch_started", time.time())
         local_sums = np.zeros(3, dtype=np.float64)
         steps = 0
         for batch in self.feed.batches(epoch):
@@ -166,15 +184,16 @@ class Worker:
         }
         metrics.update(self.validate())
         metrics["epoch_seconds"] = time.perf_counter() - epoch_started
+        self.state.timings["last_epoch_finished"] = time.time()
         self.state.record_epoch(metrics, self.model.get_weights)
         self._finish_epoch(metrics)
         return metrics
 
     def validate(self) -> dict[str, float]:
-        if self.val_shard is None:
+        if self.validation is None:
             return {}
         sums = np.zeros(3, dtype=np.float64)
-        for batch in evaluation_batches(self.val_shard, self.plan.config.train.batch_size):
+        for batch in self.validation.batches():
             sums += self.steps.eval(batch["image"], batch["label"])
         loss, correct, count = self.steps.sum_across_workers(sums)
         return {"val_loss": float(loss / max(count, 1.0)), "val_accuracy": float(correct / max(count, 1.0))}
@@ -203,17 +222,51 @@ class Worker:
         return (time.perf_counter() - self.started) / done * (self.plan.config.train.epochs - epochs_done)
 
     def save_and_report(self, metrics: dict[str, Any]) -> None:
-        """Report the epoch to Ray Train; rank 0 attaches the checkpoint."""
+        """Report the epoch to Ray Train (every epoch, every rank: Tune and the driver follow the
+        reports); rank 0 attaches a checkpoint when the cadence says so, and writes the model artifact
+        once training has finished."""
         import ray.train
 
+        from imgcls.training.cadence import should_checkpoint
         from imgcls.training.checkpoint import save_checkpoint
 
-        if self.rank != 0:
+        train = self.plan.config.train
+        now = time.perf_counter()
+        checkpoint = should_checkpoint(
+            self.state.epoch, self.state.finished, train.checkpoint_every_epochs, train.checkpoint_interval_s,
+            self.last_checkpoint_seconds, metrics["epoch_seconds"], now - self.last_checkpoint_at,
+        )  # fmt: skip
+        if self.rank != 0 or not checkpoint:
             ray.train.report(metrics)
             return
-        with tempfile.TemporaryDirectory(prefix="imgcls-checkpoint-") as directory:
-            save_checkpoint(directory, self.model, self.optimizer, self.state)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        if self.state.finished and self.plan.artifact_uri:
+            metrics["_model_version"] = self._write_artifact(metrics)
+        # Ray Train uploads it in the background and deletes the local copy once it is stored.
+        directory = tempfile.mkdtemp(prefix="imgcls-checkpoint-")
+        timings = self.state.timings
+        timings["checkpoints"] = timings.get("checkpoints", 0) + 1
+        save_checkpoint(directory, self.model, self.optimizer, self.state)  # its state counts earlier checkpoints
+        metrics["_checkpoint_seconds"] = timings.get("checkpoint_seconds", 0.0) + time.perf_counter() - now
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        )  # fmt: skip
+        self.last_checkpoint_at = time.perf_counter()
+        self.last_checkpoint_seconds = self.last_checkpoint_at - now
+        timings["checkpoint_seconds"] = timings.get("checkpoint_seconds", 0.0) + self.last_checkpoint_seconds
+        logger.debug("checkpoint after epoch %d: %.2f s", self.state.epoch, self.last_checkpoint_seconds)
+
+    def _write_artifact(self, metrics: dict[str, Any]) -> str:
+        """The model artifact from the live model (the driver need not load a checkpoint, nor import
+        TensorFlow at all); returns its model_version."""
+        from imgcls.modeling.artifact import save_artifact
+
+        final = {key: value for key, value in metrics.items() if not key.startswith("_")}
+        metadata = save_artifact(
+            self.model, {**self.plan.artifact_fields, "metrics": final}, self.plan.artifact_uri,
+            self.plan.config.storage.endpoint_url,
+        )  # fmt: skip
+        return metadata.model_version
 
 
 def epoch_line(metrics: dict[str, Any], total_epochs: int, eta_seconds: float) -> str:
