@@ -37,6 +37,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not services"
 
 bench: data
+	$(BIN)/python bench/train_job.py
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/read_throughput.py
 	$(BIN)/python bench/predict_throughput.py
