@@ -7,6 +7,7 @@ listing and decoding, the workers' start, the epochs, checkpoints, and the end.
 
 Usage: python bench/train_job.py [--data examples/data/digits/train] [--rounds 3] [--epochs 10]
        [--repo PATH]  (the checkout whose jobs/train.py runs: another one measures a "before")
+       [--set KEY=VALUE ...]  (more settings for the imgcls job)
 Results: bench/results/train_job.json.
 """
 
@@ -44,7 +45,7 @@ def plain_keras(data: Path, output: Path, arguments) -> dict:
 def imgcls_job(repo: Path, data: Path, output: Path, arguments) -> dict:
     settings = [f"data.train={data}", f"data.image_size=[{arguments.image_size}, {arguments.image_size}]",
                 "data.channels=3", "data.val_fraction=0", f"train.epochs={arguments.epochs}",
-                f"train.batch_size={arguments.batch_size}", f"output_dir={output}"]  # fmt: skip
+                f"train.batch_size={arguments.batch_size}", f"output_dir={output}", *arguments.set]  # fmt: skip
     command = [sys.executable, str(repo / "jobs" / "train.py"), "--config", str(repo / "examples/configs/digits.yaml"),
                *[argument for setting in settings for argument in ("--set", setting)]]  # fmt: skip
     environment = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "IMGCLS_LOG_LEVEL")}
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--repo", default=str(HERE.parent))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="More settings for the imgcls job, e.g. train.deterministic=false")  # fmt: skip
     arguments = parser.parse_args()
     data, repo = Path(arguments.data).resolve(), Path(arguments.repo).resolve()
     scratch = Path(tempfile.mkdtemp(prefix="imgcls-bench-train-"))
@@ -96,7 +99,7 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     summary = {
-        "repo": str(repo), "epochs": arguments.epochs, "image_size": arguments.image_size, "rounds": rounds,
+        "repo": str(repo), "settings": arguments.set, "epochs": arguments.epochs, "image_size": arguments.image_size, "rounds": rounds,
         "median_whole_process_ratio": statistics.median(row["whole_process_ratio"] for row in rounds),
         "median_in_loop_ratio": statistics.median(row["in_loop_ratio"] for row in rounds if row["in_loop_ratio"]),
     }  # fmt: skip

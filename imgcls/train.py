@@ -218,7 +218,7 @@ def _report_phases(output_dir, phases: dict[str, float], state: dict, metrics: d
         workers_start_s=max(0.0, timings.get("first_epoch_started", fit_started) - fit_started),
         epochs_s=epochs,
         checkpoint_s=metrics.get("_checkpoint_seconds", timings.get("checkpoint_seconds", 0.0)),
-        checkpoints=timings.get("checkpoints", 0) + (1 if "_checkpoint_seconds" in metrics else 0),
+        checkpoints=timings.get("checkpoints", 0),
         teardown_s=max(0.0, fit_ended - timings.get("last_epoch_finished", fit_ended)),
         history_s=time.time() - fit_ended,
         total_s=time.time() - started,
