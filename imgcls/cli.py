@@ -1,6 +1,7 @@
 """One command-line front for every job: `imgcls train|predict|evaluate|tune`.
 
-Exit codes a scheduler can alert on: 0 success, 2 user error (message, no traceback), 1 internal failure.
+Exit codes a scheduler can alert on: 0 success, 2 user error (message, no traceback), 1 a failed run
+(a cluster or storage fault, a stall: one paragraph) or an internal failure (a traceback).
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from imgcls.errors import UserError, clip
+from imgcls.errors import JobFailedError, UserError, clip
 from imgcls.platform.logs import configure_logging, set_verbose, verbose
 
 logger = logging.getLogger("imgcls")
@@ -23,6 +25,8 @@ EXIT_USER_ERROR = 2
 # Characters of a user error's message printed at most: each message bounds the input it quotes, and
 # this is the last guard should one not (stderr goes to logs and alerts).
 MAX_MESSAGE_CHARACTERS = 2_000
+# Seconds Ray gets to shut down when a job ends.
+SHUTDOWN_GRACE_SECONDS = 60.0
 
 
 def _add_set_option(parser: argparse.ArgumentParser) -> None:
@@ -155,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"imgcls {arguments.verb}: error: {clip(str(error), MAX_MESSAGE_CHARACTERS)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except JobFailedError as error:
+        print(f"imgcls {arguments.verb}: failed: {clip(str(error), MAX_MESSAGE_CHARACTERS)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"imgcls {arguments.verb}: interrupted", file=sys.stderr)
         return 130
@@ -174,10 +181,20 @@ def process_main(argv: Sequence[str] | None = None) -> NoReturn:
     _exit_now(main(argv))
 
 
+def _hard_exit(code: int) -> None:
+    print("imgcls: Ray did not shut down in time; exiting without it", file=sys.stderr, flush=True)
+    os._exit(code)
+
+
 def _exit_now(code: int) -> NoReturn:
     """A job's outputs are written, closed and committed when it returns; what is left is the
     interpreter tearing down TensorFlow and Ray, seconds of a short job. Leave Ray cleanly
     (stopping the local Ray this process started, if any), flush the logs, and exit without it."""
+    # After a fault (a dead node, a stalled pipeline) Ray's own shutdown can wait on what is gone:
+    # it gets a bounded time, then the process ends anyway.
+    deadline = threading.Timer(SHUTDOWN_GRACE_SECONDS, _hard_exit, (code,))
+    deadline.daemon = True
+    deadline.start()
     if "ray" in sys.modules:
         import ray
 

@@ -23,6 +23,16 @@ class UserError(Exception):
     """A problem with the user's input (config, paths, data) rather than a bug in imgcls."""
 
 
+class JobFailedError(Exception):
+    """The job could not finish for a reason outside its input: the cluster lost what the run needed,
+    or made no progress for the stall limit. The CLI exits 1 with this one paragraph (no traceback);
+    what was committed before stays, and a rerun continues from there."""
+
+
+class JobStalledError(JobFailedError):
+    """No image completed for the stall limit (`stall_timeout_s`)."""
+
+
 class ConfigError(UserError):
     """The configuration file or a `--set` override is invalid."""
 
@@ -72,13 +82,13 @@ class OutputBusyError(UserError):
 _ERROR_LINE = re.compile(r"^imgcls\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
-def user_error_in(error: BaseException | str) -> UserError | None:
+def user_error_in(error: BaseException | str) -> UserError | JobFailedError | None:
     """The user's error inside a Ray error (or its text), if that is what it is. A Ray task, actor or
     Tune trial that failed on a user error reaches the driver wrapped in Ray's own exception, which
     keeps only the text of the traceback; recover the message, so the job exits 2 with one paragraph
     instead of 1 with Ray's stack."""
     for name, message in reversed(_ERROR_LINE.findall(str(error))):
         kind = getattr(sys.modules[__name__], name, None)
-        if isinstance(kind, type) and issubclass(kind, UserError):
+        if isinstance(kind, type) and issubclass(kind, (UserError, JobFailedError)):
             return kind(message)
     return None

@@ -7,7 +7,6 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
-from pathlib import PurePosixPath
 
 from pydantic import BaseModel
 
@@ -17,7 +16,8 @@ from imgcls.inference.engine import prediction_batches
 from imgcls.inference.placement import ModelPlacement, choose_placement
 from imgcls.inference.predictor import PREDICTION_SCHEMA
 from imgcls.platform import output_runs, storage
-from imgcls.platform.output_runs import RunRecord
+from imgcls.platform.output_runs import ChunkRecord, RunRecord
+from imgcls.platform.chunks import ChunkedTables
 
 logger = logging.getLogger(__name__)
 
@@ -108,23 +108,21 @@ def _run_holding_lease(config: PredictConfig, metadata, listing, output, run_id:
     done = set() if config.overwrite else output_runs.done_paths(output, metadata.model_version, contents)
     todo = [path for path in listing.paths if path not in done]
     placement = choose_placement(len(todo), config)
-    record = RunRecord(
+    run = RunBook(output, RunRecord(
         run_id=run_id, status="running", input=config.input, output=output.uri, model=config.model,
         model_version=metadata.model_version, overwrite=config.overwrite, images_listed=len(listing.paths),
         already_done=len(listing.paths) - len(todo), duplicates_dropped=listing.duplicates,
         model_placement=placement.kind, placement_reason=placement.reason, started=output_runs.now(),
-    )  # fmt: skip
-    output_runs.write_run_record(output, record)
+    ))  # fmt: skip
     logger.info(
         "run %s: %d images listed under %s, %d already classified by model %s, %d to classify",
-        run_id, len(listing.paths), config.input, record.already_done, metadata.model_version, len(todo),
+        run_id, len(listing.paths), config.input, run.record.already_done, metadata.model_version, len(todo),
     )  # fmt: skip
-    files: list[str] = []
     rows = errored = 0
     try:
         if todo:
-            files = _classify(config, metadata, todo, output, run_id, placement, lease)
-            rows, errored = _count_rows(files, config.storage.endpoint_url)
+            _classify(config, metadata, todo, output, run, placement, lease)
+            rows, errored = _count_rows(run.record.files, config.storage.endpoint_url)
             if rows != len(todo):
                 raise RuntimeError(f"wrote {rows} prediction rows for {len(todo)} images")
         if config.overwrite:
@@ -133,9 +131,8 @@ def _run_holding_lease(config: PredictConfig, metadata, listing, output, run_id:
         elif todo:
             superseded += output_runs.supersede_older_rows(output, metadata.model_version)
     except BaseException as error:
-        record = record.model_copy(update={"status": "failed", "error": f"{type(error).__name__}: {error}",
-                                           "finished": output_runs.now()})  # fmt: skip
-        output_runs.write_run_record(output, record)
+        output_runs.discard_own_staging(output, run_id)
+        run.update(status="failed", error=f"{type(error).__name__}: {error}", finished=output_runs.now())
         raise
     seconds = time.perf_counter() - started
     summary = PredictSummary(
@@ -143,19 +140,17 @@ def _run_holding_lease(config: PredictConfig, metadata, listing, output, run_id:
         output_uri=output.uri,
         model_version=metadata.model_version,
         images_listed=len(listing.paths),
-        already_done=record.already_done,
+        already_done=run.record.already_done,
         classified=rows - errored,
         errored=errored,
         seconds=round(seconds, 3),
         images_per_second=round(rows / seconds, 1),
-        files=[PurePosixPath(uri).name for uri in files],
+        files=[uri[len(output.uri) :].lstrip("/") for uri in run.record.files],
     )
-    record = record.model_copy(update={
-        "status": "succeeded", "finished": output_runs.now(), "classified": summary.classified, "errored": errored,
-        "superseded_rows": superseded, "seconds": summary.seconds, "images_per_second": summary.images_per_second,
-        "files": files,
-    })  # fmt: skip
-    output_runs.write_run_record(output, record)
+    run.update(
+        status="succeeded", finished=output_runs.now(), classified=summary.classified, errored=errored,
+        superseded_rows=superseded, seconds=summary.seconds, images_per_second=summary.images_per_second,
+    )  # fmt: skip
     logger.info(
         "done: %d images listed, %d already done, %d classified, %d errored, %.1f images/s, output %s",
         summary.images_listed, summary.already_done, summary.classified, summary.errored,
@@ -164,23 +159,53 @@ def _run_holding_lease(config: PredictConfig, metadata, listing, output, run_id:
     return summary
 
 
+class RunBook:
+    """The run's record as the run goes: written when the run starts and after every change."""
+
+    def __init__(self, output: storage.Location, record: RunRecord) -> None:
+        self.output = output
+        self.record = record
+        output_runs.write_run_record(output, record)
+
+    def update(self, **changes) -> None:
+        self.record = self.record.model_copy(update=changes)
+        output_runs.write_run_record(self.output, self.record)
+
+
 def _classify(
-    config: PredictConfig, metadata, paths: list[str], output, run_id: str, placement: ModelPlacement, lease
-) -> list[str]:
-    """Run the streaming pipeline for `paths` into the run's staging folder, then commit it (only
-    while this run still holds the output's lease)."""
+    config: PredictConfig, metadata, paths: list[str], output, run: RunBook, placement: ModelPlacement, lease
+) -> None:
+    """Run the streaming pipeline for `paths` and commit its rows chunk by chunk (each only while this
+    run still holds the output's lease), adding each chunk to the run record as it is committed."""
     predictions = prediction_batches(
         config, metadata, paths, config.top_k or min(5, len(metadata.class_names)), config.min_score, placement
-    )
-    staging = output_runs.begin_staging(output, run_id, metadata.model_version)
-    output_runs.write_staged_files(
-        predictions,
-        staging,
-        PREDICTION_SCHEMA,
-        config.rows_per_file or DEFAULT_ROWS_PER_FILE,
     )
     partition = None
     if config.partition_by == "run_date":
         partition = f"run_date={datetime.now(timezone.utc).strftime('%Y-%m-%d')}"
-    lease.verify()
-    return output_runs.commit(output, staging, run_id, partition)
+    staging = output_runs.begin_staging(output, run.record.run_id, metadata.model_version)
+    # With overwrite every image is classified again anyway: one chunk, so that readers never see old
+    # and new rows of the same images side by side.
+    chunks = ChunkedTables(
+        predictions,
+        max_rows=len(paths) if config.overwrite else config.commit_every_images,
+        max_seconds=float("inf") if config.overwrite else config.commit_every_s,
+    )
+    while not chunks.exhausted:
+        index = len(run.record.chunks)
+        rows = output_runs.write_staged_files(
+            chunks.next_chunk(),
+            staging.join(output_runs.chunk_name(index)),
+            PREDICTION_SCHEMA,
+            config.rows_per_file or DEFAULT_ROWS_PER_FILE,
+        )
+        if rows == 0:
+            break
+        lease.verify()
+        chunk_files = output_runs.commit_chunk(output, staging, run.record.run_id, index, partition)
+        chunk = ChunkRecord(index=index, rows=rows, files=chunk_files, committed=output_runs.now())
+        run.update(chunks=[*run.record.chunks, chunk], files=[*run.record.files, *chunk_files])
+        if not chunks.exhausted:  # a run of one chunk says so in its last line
+            committed = sum(chunk.rows for chunk in run.record.chunks)
+            logger.info("committed chunk %d: %d rows (%d of %d images)", index, rows, committed, len(paths))
+    output_runs.end_staging(output, staging)

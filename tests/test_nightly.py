@@ -75,7 +75,7 @@ def test_min_score_partitions_and_rows_per_file(trained_one_worker, images, tmp_
     assert table.num_rows == 20 and set(table.column("label").to_pylist()) == {"unknown"}
     assert all(labels[0] in ("horizontal", "vertical") for labels in table.column("top_k_labels").to_pylist())
     assert len(set(table.column("run_date").to_pylist())) == 1
-    files = list(output.glob("run_date=*/run-*/*.parquet"))
+    files = list(output.glob("run_date=*/run-*/chunk-*/*.parquet"))
     assert len(files) == len(summary.files) >= 5
     assert all(pads.dataset(str(path)).count_rows() <= 4 for path in files)
 

@@ -63,7 +63,28 @@ class InferenceSettings(StrictModel):
     max_image_bytes: int = Field(
         default=DEFAULT_MAX_IMAGE_BYTES, ge=1024, description="Larger image files are not read: an error row (256 MiB)."
     )
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each model actor asks for besides its CPU/GPU, e.g. {model_node: 1} to "
+        "keep the actors on nodes started with `ray start --resources '{\"model_node\": 4}'`. Empty: none.",
+    )
+    stall_timeout_s: float = Field(
+        default=600.0,
+        ge=1,
+        description="Seconds the run may go without a single image completing before it fails (exit 1, run record "
+        "failed, committed chunks kept): a cluster that lost the nodes the run needed never hangs it.",
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("actor_resources")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ValueError(f"{name} is planned by imgcls (num_actors, use_gpu): list only custom resources here")
+            if not (amount > 0 and amount < float("inf")):
+                raise ValueError(f"the amount of {clip(name, 80)} must be a positive number")
+        return value
 
     @field_validator("output", check_fields=False)
     @classmethod
@@ -111,6 +132,16 @@ class PredictConfig(InferenceSettings):
     rows_per_file: int | None = Field(
         default=None, gt=0, description="Upper bound on rows per Parquet file (bounds file sizes). Unset: 1,000,000."
     )
+    commit_every_images: int = Field(
+        default=100_000,
+        gt=0,
+        description="Commit the run's rows in chunks of at most this many images (or every commit_every_s, whichever "
+        "comes first): each chunk becomes visible to readers at once, and a killed run loses at most the chunk "
+        "it was writing (the rerun classifies only images that no committed chunk holds). Not used with overwrite.",
+    )
+    commit_every_s: float = Field(
+        default=600.0, gt=0, description="Seconds after which the chunk being written is committed even when smaller."
+    )
     partition_by: Literal["run_date"] | None = Field(
         default=None, description="run_date: write each run under `run_date=YYYY-MM-DD/` (UTC) partitions."
     )
@@ -137,7 +168,8 @@ class PredictConfig(InferenceSettings):
 
 def pool_settings(config: "InferenceSettings") -> list[str]:
     """The settings given that size an actor pool (each of them asks for one)."""
-    given = (("use_gpu", config.use_gpu), ("num_actors", config.num_actors), ("max_actors", config.max_actors))
+    given = (("use_gpu", config.use_gpu), ("num_actors", config.num_actors), ("max_actors", config.max_actors),
+             ("actor_resources", config.actor_resources))  # fmt: skip
     return [name for name, value in given if value]
 
 

@@ -39,8 +39,9 @@ def pool_dataset(
     min_score: float | None,
     reason: str,
     output: Output = "rows",
-):
-    """The Predictor's output from a Ray Data actor pool, as a lazy dataset."""
+) -> tuple[object, str]:
+    """The Predictor's output from a Ray Data actor pool, as a lazy dataset, and what the pool needs
+    (for the message of a run that stalls)."""
     import ray.data
 
     from imgcls.data.datasets import decoded_dataset
@@ -55,11 +56,9 @@ def pool_dataset(
         f"{plan.num_actors}-{plan.max_actors}" if plan.autoscaling else plan.num_actors,
         plan.cpus_per_actor, ", 1 GPU" if plan.gpus_per_actor else "", reason,
     )  # fmt: skip
-    pool = (
-        ray.data.ActorPoolStrategy(min_size=plan.num_actors, max_size=plan.max_actors)
-        if plan.autoscaling
-        else ray.data.ActorPoolStrategy(size=plan.num_actors)
-    )
+    # Elastic: the pool starts at its planned size but may run on a single actor, so that a node lost
+    # with its actors slows the run instead of stopping it.
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=plan.max_actors, initial_size=plan.num_actors)
     decode_slots = (totals["CPU"] - plan.num_actors * plan.cpus_per_actor) / DECODE_TASK_CPUS
     rows_per_block = block_rows(len(paths), decode_slots)
     decoded = decoded_dataset(
@@ -69,7 +68,12 @@ def pool_dataset(
     # Ray Data's default reserves half the CPUs in equal shares per operator, which held decoding to
     # one task beside an actor that mostly waits.
     decoded.context.op_resource_reservation_enabled = False
-    return decoded.map_batches(
+    custom = "".join(f" + {amount:g} {name}" for name, amount in sorted(config.actor_resources.items()))
+    needs = (
+        f"the model actor pool needs at least 1 actor x {plan.cpus_per_actor:g} CPU{' + 1 GPU' if plan.gpus_per_actor else ''}"
+        f"{custom} and decode tasks {DECODE_TASK_CPUS:g} CPU each"
+    )
+    predictions = decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={
             **predictor_arguments(config, top_k, min_score, output),
@@ -82,7 +86,9 @@ def pool_dataset(
         compute=pool,
         num_cpus=plan.cpus_per_actor,
         num_gpus=plan.gpus_per_actor,
+        resources=config.actor_resources or None,
     )
+    return predictions, needs
 
 
 def batches_from_pool(predictions) -> Iterator[pa.Table]:

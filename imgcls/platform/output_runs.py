@@ -1,15 +1,18 @@
 """Repeat-safe Parquet output: staged runs, atomic commits, run records and what is already done.
 
 Layout under the output URI:
-    [run_date=YYYY-MM-DD/]run-<run_id>/part-*.parquet   committed runs (what readers see)
+    [run_date=YYYY-MM-DD/]run-<run_id>/chunk-NNNNN/part-*.parquet   committed chunks of runs (what readers see)
     [run_date=YYYY-MM-DD/]run-<run_id>/_run.json        the marker that proves imgcls wrote the run
-    _staging/<run_id>/                                   a run being written (hidden from readers)
+    _staging/<run_id>/                                   a run's chunk being written (hidden from readers)
     _runs/<run_id>.json                                  one record per run: input, model, counts, times, status
     _lock                                                the one writer's lease (see `imgcls.output_lease`)
 Readers (pyarrow.dataset, pandas, Ray Data) skip `_`-prefixed files and folders, so only committed
-runs are visible. On a local or network file system a run appears in one directory rename: all or
-nothing. Object stores have no rename: each file is copied in (each copy atomic), so a reader listing
-in the instant of a commit may see part of that run; the run record is written last and marks it complete.
+chunks are visible. A run commits its rows in chunks (`commit_every_images`, `commit_every_s`): on a
+local or network file system each chunk appears in one directory rename, all or nothing. Object stores
+have no rename: each file is copied in (each copy atomic), so a reader listing in the instant of a
+commit may see part of that chunk; the run record, rewritten after each chunk, lists the chunks that
+are complete. A killed run keeps its committed chunks; the next run classifies only what they lack.
+(Runs committed before chunks hold their files directly in the run folder; they read the same.)
 
 Ownership: a run folder is imgcls's only when its `_run.json` names its run id and `_runs/` holds
 that run's record (runs committed before markers existed: when their record lists every file in
@@ -76,6 +79,15 @@ def _read_json(location: storage.Location) -> dict[str, Any] | None:
     return loaded if isinstance(loaded, dict) else None
 
 
+class ChunkRecord(BaseModel):
+    """One committed chunk of a run: its rows became visible together."""
+
+    index: int
+    rows: int
+    files: list[str]
+    committed: str
+
+
 class RunRecord(BaseModel):
     """`_runs/<run_id>.json`: one bulk run, what it was given and what it did. Written when the run
     starts (status running) and again when it ends; a killed run's record is marked abandoned by the
@@ -103,6 +115,7 @@ class RunRecord(BaseModel):
     seconds: float | None = None
     images_per_second: float | None = None
     files: list[str] = Field(default_factory=list, description="URIs of the run's committed Parquet files.")
+    chunks: list[ChunkRecord] = Field(default_factory=list, description="The run's committed chunks, in order.")
     error: str | None = None
 
 
@@ -150,6 +163,17 @@ def discard_stale_staging(output: storage.Location) -> None:
         if record is not None and record.status == "running":
             write_run_record(output, record.model_copy(update={"status": "abandoned"}))
         logger.info("discarded the unfinished run %s left in %s", run_id, output.join(STAGING).uri)
+
+
+def discard_own_staging(output: storage.Location, run_id: str) -> None:
+    """A failed run's staged, uncommitted rows: removed at once where the store allows (otherwise
+    the next run does it). Its committed chunks stay."""
+    staging = output.join(STAGING, run_id)
+    try:
+        if storage.exists(staging):
+            output.filesystem.delete_dir(staging.path)
+    except (OSError, StorageError) as error:
+        logger.warning("could not remove the failed run's staging folder %s (the next run will): %s", staging.uri, error)
 
 
 @dataclass
@@ -341,26 +365,45 @@ def write_staged_files(
     return total
 
 
-def commit(output: storage.Location, staging: storage.Location, run_id: str, partition: str | None) -> list[str]:
-    """Make the staged run visible: one rename on a file system, file by file on an object store.
-    Returns the run's Parquet files (its marker moves along but is not listed)."""
-    parent = output.join(partition) if partition else output
-    target = parent.join(f"run-{run_id}")
-    staged = _files_under(staging)
-    with storage.user_facing_errors(output, "commit the run to"):
+def chunk_name(index: int) -> str:
+    return f"chunk-{index:05d}"
+
+
+def run_folder(output: storage.Location, run_id: str, partition: str | None) -> storage.Location:
+    return (output.join(partition) if partition else output).join(f"run-{run_id}")
+
+
+def commit_chunk(
+    output: storage.Location, staging: storage.Location, run_id: str, index: int, partition: str | None
+) -> list[str]:
+    """Make one staged chunk (`staging/chunk-NNNNN/`) visible in the run's folder: one rename on a file
+    system, file by file on an object store. The run's marker goes in first, so a commit cut short
+    leaves a folder that is provably imgcls's (its rows count as done: each image stays once). Returns
+    the chunk's Parquet files."""
+    target_run = run_folder(output, run_id, partition)
+    chunk = staging.join(chunk_name(index))
+    target = target_run.join(chunk_name(index))
+    staged = _files_under(chunk)
+    with storage.user_facing_errors(output, "commit a chunk of the run to"):
+        marker = target_run.join(RUN_MARKER)
+        if not storage.exists(marker):
+            storage.write_bytes_atomic(marker, storage.read_bytes(staging.join(RUN_MARKER)))
         if output.is_local:
-            output.filesystem.create_dir(parent.path, recursive=True)
-            output.filesystem.move(staging.path, target.path)
+            output.filesystem.move(chunk.path, target.path)
         else:
-            # The marker first: a commit cut short leaves a folder that is still provably imgcls's, and
-            # its rows count as done (each image stays once: the rest is classified by the next run).
-            for path in sorted(staged, key=lambda path: not path.endswith(RUN_MARKER)):
-                output.filesystem.move(path, target.join(path[len(staging.path) :].lstrip("/")).path)
-            output.filesystem.delete_dir(staging.path)
+            for path in staged:
+                output.filesystem.move(path, target.join(path[len(chunk.path) :].lstrip("/")).path)
+            output.filesystem.delete_dir(chunk.path)
+    return [target.join(path[len(chunk.path) :].lstrip("/")).uri for path in staged]
+
+
+def end_staging(output: storage.Location, staging: storage.Location) -> None:
+    """Remove the run's staging folder once its last chunk is committed (and `_staging` when empty)."""
+    with storage.user_facing_errors(output, "clean up the staging folder of"):
+        output.filesystem.delete_dir(staging.path)
         staging_root = output.join(STAGING)
         if not _child_directories(staging_root) and not _files_under(staging_root):
             output.filesystem.delete_dir(staging_root.path)  # object stores keep an empty marker behind
-    return [target.join(path[len(staging.path) :].lstrip("/")).uri for path in staged if not path.endswith(RUN_MARKER)]
 
 
 def remove_other_runs(output: storage.Location, run_id: str, contents: OutputContents | None = None) -> int:

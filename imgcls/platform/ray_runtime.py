@@ -165,6 +165,39 @@ def cluster_shape() -> tuple[int, float]:
     return len(nodes), cpus
 
 
+def live_node_ids() -> set[str]:
+    import ray
+
+    return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+
+
+def cluster_state(known_nodes: set[str] | None = None) -> str:
+    """What the cluster has now, for a message about work that cannot run: live nodes, CPUs (and
+    custom resources) in all and free, and the nodes that died (those of `known_nodes` gone, and
+    any the GCS reports dead)."""
+    import ray
+
+    nodes = ray.nodes()
+    alive = [node for node in nodes if node.get("Alive")]
+    dead = [node["NodeID"] for node in nodes if not node.get("Alive")]
+    if known_nodes:
+        dead = sorted(set(dead) | (known_nodes - {node["NodeID"] for node in alive}))
+    total, free = ray.cluster_resources(), ray.available_resources()
+    names = sorted(name for name in total if not _is_builtin_resource(name))
+    resources = ", ".join(
+        f"{float(total.get(name, 0.0)):g} {name} ({float(free.get(name, 0.0)):g} free)" for name in ["CPU", "GPU", *names]
+        if name in ("CPU",) or total.get(name)
+    )  # fmt: skip
+    text = f"the cluster has {len(alive)} live node(s) with {resources}"
+    if dead:
+        text += f" since node(s) {', '.join(node_id[:12] for node_id in dead)} died"
+    return text
+
+
+def _is_builtin_resource(name: str) -> bool:
+    return name in ("CPU", "GPU", "memory", "object_store_memory") or name.startswith(("node:", "accelerator_type:"))
+
+
 @contextmanager
 def reserved_cpus(cpus: int) -> Iterator[None]:
     """Hold `cpus` CPUs of the (single-node) cluster through a placement group while threads of this
