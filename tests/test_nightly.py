@@ -107,7 +107,7 @@ def test_a_killed_run_leaves_nothing_visible_and_the_rerun_completes(ray_session
     poller.start()
     killed = subprocess.Popen(pooled, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while not list((output / "_staging").glob("*/*.parquet")):  # mid-run: part of the results staged
+    while not list((output / "_staging").glob("*/chunk-*/*.parquet")):  # mid-run: part of the results staged
         assert time.monotonic() < deadline and killed.poll() is None, "the run never staged any file"
         time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
