@@ -65,7 +65,7 @@ def one_run(folder: Path, artifact: str, output: str, chunk: int) -> tuple[float
     seconds = time.perf_counter() - started
     if finished.returncode != 0:
         raise RuntimeError(finished.stderr[-3000:])
-    chunks = finished.stdout.count("committed chunk") + 1
+    chunks = (finished.stdout + finished.stderr).count("committed chunk") + 1
     return seconds, chunks
 
 

@@ -92,14 +92,16 @@ def test_training_from_a_manifest_in_the_bucket(ray_session, bucket_dataset, pat
 def test_predict_bucket_to_bucket_equals_local(bucket_run, bucket_dataset, pattern_dataset, tmp_path):
     # The bucket twice: through an actor pool (each actor loads the artifact from S3), and in this
     # process (the default for a small run: objects read on decode threads); the local twin in this
-    # process too. The rows must agree.
+    # process too, committing in chunks of 40 (copied in file by file). The rows must agree.
     remote_runs = {}
     for name, placement in (("pool", "actor_pool"), ("in_process", "auto")):
         output = f"s3://{TEST_BUCKET}/predictions/{name}"
         summary = predict.run(
-            PredictConfig(model=bucket_run.artifact_uri, input=bucket_dataset, output=output, placement=placement)
+            PredictConfig(model=bucket_run.artifact_uri, input=bucket_dataset, output=output, placement=placement,
+                          commit_every_images=40)  # fmt: skip
         )
         assert summary.images_listed == 96 and summary.errored == 0
+        assert sorted({path.split("/")[1] for path in summary.files}) == ["chunk-00000", "chunk-00001", "chunk-00002"]
         location = storage.resolve(output)
         remote_runs[name] = pads.dataset(location.path, filesystem=location.filesystem, format="parquet").to_table()
         assert not [key for key in bucket_keys(f"predictions/{name}/") if "_staging" in key]

@@ -171,7 +171,7 @@ def discard_own_staging(output: storage.Location, run_id: str) -> None:
     staging = output.join(STAGING, run_id)
     try:
         if storage.exists(staging):
-            output.filesystem.delete_dir(staging.path)
+            end_staging(output, staging)
     except (OSError, StorageError) as error:
         logger.warning("could not remove the failed run's staging folder %s (the next run will): %s", staging.uri, error)
 
