@@ -172,6 +172,10 @@ mon_data_avail_crit = 0
 [mon]
 mon_data = {state_dir}/mon/$name
 mon_initial_members = a
+# One monitor has no peers to batch proposals for: commit each map change at once, not once a
+# second (the gateway's start makes a dozen of them, one per pool and setting).
+paxos_propose_interval = 0.01
+paxos_min_wait = 0.001
 
 [osd]
 osd_data = {state_dir}/osd/$name
