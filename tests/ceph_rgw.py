@@ -4,7 +4,7 @@ that keeps its objects in memory (memstore), all on 127.0.0.1, state in a folder
 Debian 12's `ceph-mon`, `ceph-osd` and `radosgw` packages (Ceph 16.2) are enough: no manager, no
 cephx, pool size 1. `ensure_binaries` installs them with apt-get when they are missing and this
 process may (root, apt-get present), else says why the tests must skip. `start` brings the cluster
-up in about 12 s; every step is bounded, and a failed step raises with the tail of the logs.
+up in a few seconds; every step is bounded, and a failed step raises with the tail of the logs.
 """
 
 from __future__ import annotations
