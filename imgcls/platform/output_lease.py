@@ -318,7 +318,7 @@ class _ObjectStoreBackend:
     @staticmethod
     def _if_match(etag: str) -> str:
         # Ceph RGW (16.x) compares If-Match with its stored ETag, which has no quotes, so a quoted one
-        # never matches; AWS S3, MinIO and moto accept the ETag with or without them.
+        # never matches; moto takes either (ignoring quotes as, its authors note, AWS S3 does).
         return etag.strip('"')
 
     def _put(self, record: LeaseRecord, **condition) -> str | None:
