@@ -29,7 +29,7 @@ TEST_SECRET_KEY = "imgcls-secret-d0-not-leak-7f3a9c"
 
 # Fixtures that start a real service (Ray, an S3 endpoint) or need one: a test that uses any of them,
 # directly or through another fixture, is marked `services` and left out of `make test-fast`.
-SERVICE_FIXTURES = {"ray_session", "s3_endpoint"}
+SERVICE_FIXTURES = {"ray_session", "s3_endpoint", "ceph_rgw_endpoint"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -82,11 +82,31 @@ def s3_endpoint(tmp_path_factory):
     log.close()
 
 
-def upload_tree(local_root: Path, bucket: str, prefix: str) -> list[str]:
-    """Upload every file under `local_root` to s3://bucket/prefix/...; returns the URIs."""
+@pytest.fixture(scope="session")
+def ceph_rgw_endpoint(s3_endpoint, tmp_path_factory):
+    """A second real S3 server: Ceph's RADOS Gateway on 127.0.0.1 (tests/ceph_rgw.py), with one bucket
+    and a user whose keys are the suite's, so the environment's credentials fit both servers. Its
+    packages are installed with apt-get when missing; where they cannot be, the tests skip."""
+    import boto3
+    import ceph_rgw
+
+    reason = ceph_rgw.ensure_binaries()
+    if reason:
+        pytest.skip(reason)
+    gateway = ceph_rgw.start(tmp_path_factory.mktemp("ceph_rgw"), TEST_ACCESS_KEY, TEST_SECRET_KEY)
+    try:
+        boto3.client("s3", endpoint_url=gateway.endpoint, region_name="us-east-1").create_bucket(Bucket=TEST_BUCKET)
+        yield gateway.endpoint
+    finally:
+        gateway.stop()
+
+
+def upload_tree(local_root: Path, bucket: str, prefix: str, endpoint_url: str | None = None) -> list[str]:
+    """Upload every file under `local_root` to s3://bucket/prefix/... (on the environment's endpoint
+    unless given one); returns the URIs."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    client = boto3.client("s3", endpoint_url=endpoint_url or os.environ["AWS_ENDPOINT_URL"])
     uris = []
     for path in sorted(local_root.rglob("*")):
         if path.is_file():

@@ -315,6 +315,12 @@ class _ObjectStoreBackend:
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
 
+    @staticmethod
+    def _if_match(etag: str) -> str:
+        # Ceph RGW (16.x) compares If-Match with its stored ETag, which has no quotes, so a quoted one
+        # never matches; moto takes either (ignoring quotes as, its authors note, AWS S3 does).
+        return etag.strip('"')
+
     def _put(self, record: LeaseRecord, **condition) -> str | None:
         """The new ETag, or None when the condition did not hold."""
         from botocore.exceptions import ClientError
@@ -353,7 +359,7 @@ class _ObjectStoreBackend:
             if current is not None and not _is_takeable(current):
                 return current
             # Compare-and-swap on the ETag read: of two runs taking over at once, one wins.
-            etag = self._put(record, IfMatch=current_etag)
+            etag = self._put(record, IfMatch=self._if_match(current_etag))
             if etag is None:
                 return current or record
             logger.warning("took over the output lease %s from run %s", self.lease.lock.uri, current.run_id if current else "unknown")
@@ -363,7 +369,7 @@ class _ObjectStoreBackend:
     def renew(self) -> bool:
         held = self.lease._held
         record = held.record.model_copy(update={"expires_at": time.time() + self.lease.ttl_s})
-        etag = self._put(record, IfMatch=held.etag)
+        etag = self._put(record, IfMatch=self._if_match(held.etag))
         if etag is None:
             return False
         held.record, held.etag = record, etag
@@ -372,9 +378,14 @@ class _ObjectStoreBackend:
     def release(self) -> None:
         from botocore.exceptions import ClientError
 
+        # Ceph RGW (16.x) ignores If-Match on DELETE: without this look first, a run that lost its
+        # lease unawares would delete the lease of the run that took it over.
+        holder = self.read()
+        if holder is None or holder[0] is None or holder[0].run_id != self.lease.run_id:
+            return
         with storage.user_facing_errors(self.lease.lock, "release the lease"):
             try:
-                self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.lease._held.etag)
+                self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self._if_match(self.lease._held.etag))
             except ClientError as error:
                 if not self._precondition_failed(error):
                     raise

@@ -28,6 +28,15 @@ from imgcls.errors import StorageError, UserError, redact, shorten
 BASE_DIR_VARIABLE = "IMGCLS_BASE_DIR"
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 DEFAULT_REGION = "us-east-1"
+# Since 2025 the AWS SDKs send a CRC32 checksum as an aws-chunked trailer on every upload; Ceph RGW
+# (16.x) answers that with HTTP 411 on UploadPart, which pyarrow uses for every write. "when_required"
+# is the SDKs' behaviour before 2025, what S3-compatible stores expect. pyarrow's SDK reads these from
+# the environment when a filesystem is created or unpickled: `s3_filesystem` sets them for a custom
+# endpoint (never over the user's own choice), in every process (see S3FileSystem.__reduce__).
+S3_COMPATIBLE_CHECKSUMS = {
+    "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required",
+}
 
 
 @dataclass(frozen=True)
@@ -103,17 +112,33 @@ def region_from_environment() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
 
 
+class S3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, unpickled through `s3_filesystem`: a Ray worker, or Ray Train's
+    controller writing its checkpoint records, then gets the settings that function makes before
+    its client exists, and shares one filesystem per endpoint with the rest of its process."""
+
+    def __init__(self, endpoint_url: str | None, region_name: str, **options):
+        super().__init__(region=region_name, **options)
+        self.endpoint_url = endpoint_url
+        self.region_name = region_name
+
+    def __reduce__(self):
+        return s3_filesystem, (self.endpoint_url, self.region_name)
+
+
 @lru_cache(maxsize=8)
-def s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
+def s3_filesystem(endpoint_url: str | None, region: str) -> S3FileSystem:
     """One S3 filesystem per endpoint and region per process. No keys are passed: pyarrow reads the
     AWS credential chain itself, so nothing secret is held or pickled with the filesystem."""
     # Bounded waits: an unreachable endpoint fails within seconds instead of hanging a job.
-    options: dict[str, object] = {"region": region, "connect_timeout": 10, "request_timeout": 60}
+    options: dict[str, object] = {"connect_timeout": 10, "request_timeout": 60}
     if endpoint_url:
+        for variable, value in S3_COMPATIBLE_CHECKSUMS.items():
+            os.environ.setdefault(variable, value)
         parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
         options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
         options["scheme"] = parsed.scheme
-    return pafs.S3FileSystem(**options)
+    return S3FileSystem(endpoint_url, region, **options)
 
 
 def resolve(uri: str, endpoint_url: str | None = None) -> Location:
