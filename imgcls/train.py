@@ -119,7 +119,7 @@ def _decode_data(config: JobConfig, train_images, val_images):
         max_bytes=config.data.max_image_bytes,
         decode_batch_size=config.data.decode_batch_size,
         seed=config.seed,
-        endpoint_url=config.storage.endpoint_url,
+        storage_config=config.storage,
         num_cpus=data_task_cpus(config),
     )
     train_split = prepare_split(train_images, split_name="train", **settings)
@@ -147,6 +147,7 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     from imgcls.training.checkpoint import load_final_model, read_final_state
 
     started = time.time()
+    storage.configure(config.storage)
     ensure_ray()
     phases = {"ray_s": time.time() - started}
     totals = free_resources() if plan_with_free_cpus else cluster_totals()

@@ -28,3 +28,25 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     storage.write_text_atomic(target, "two")
     assert (tmp_path / "deep" / "file.txt").read_text() == "two"
     assert [path.name for path in (tmp_path / "deep").iterdir()] == ["file.txt"]
+
+
+def test_the_storage_settings_reach_both_clients_and_a_pickled_filesystem():
+    import pickle
+
+    from imgcls.config import StorageConfig
+
+    endpoint = "http://127.0.0.1:9"  # nothing is sent: clients are made lazily
+    storage.configure(StorageConfig(max_attempts=4, connect_timeout_s=3, request_timeout_s=7))
+    try:
+        config = storage.s3_client(endpoint).meta.config
+        # botocore's `total_max_attempts` counts the first try, as pyarrow's `max_attempts` does.
+        assert config.retries == {"mode": "standard", "total_max_attempts": 4}
+        assert (config.connect_timeout, config.read_timeout) == (3, 7)
+        filesystem = storage.resolve("s3://bucket/key", endpoint).filesystem
+        assert filesystem.made_from == (endpoint, storage.region_from_environment(), storage.ClientSettings(4, 3.0, 7.0))
+        # pyarrow's own pickling keeps the timeouts but not the retry strategy: ours is rebuilt.
+        assert pickle.loads(pickle.dumps(filesystem)).made_from == filesystem.made_from
+    finally:
+        storage.configure(StorageConfig())
+    assert storage.s3_client(endpoint).meta.config.retries["total_max_attempts"] == 10
+

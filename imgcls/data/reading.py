@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from imgcls.config import DEFAULT_MAX_IMAGE_BYTES
+from imgcls.config import DEFAULT_MAX_IMAGE_BYTES, StorageConfig
 from imgcls.data.images import ImageDecodeError, decode_image
 from imgcls.errors import UserError
 from imgcls.platform import storage
@@ -54,13 +54,18 @@ def decode_batch(
     image_size: tuple[int, int],
     channels: int,
     max_pixels: int,
-    endpoint_url: str | None = None,
+    storage_config: StorageConfig | None = None,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: read and decode every path in the batch; failures become an `error` string.
 
     Every row gets an image of the same shape (zeros on error), so Arrow never sees ragged arrays.
+    `storage_config` is the job's: its endpoint, and the retry settings this process then uses.
     """
+    endpoint_url = None
+    if storage_config is not None:
+        storage.configure(storage_config)
+        endpoint_url = storage_config.endpoint_url
     paths = [str(path) for path in batch["path"]]
     height, width = image_size
     images = np.zeros((len(paths), height, width, channels), dtype=np.uint8)

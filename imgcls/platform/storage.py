@@ -7,6 +7,12 @@ the standard AWS chain (environment, shared files, instance or pod role) and are
 
 Relative local paths resolve against `IMGCLS_BASE_DIR` when it is set (so a job submitted with
 `ray job submit --working-dir .` still writes next to the user's checkout), else the current directory.
+
+Retries and timeouts are the clients' own (standard retry mode, see `StorageConfig`), set once per
+process by `configure(config.storage)`: by each job's driver, and where a job's work starts in another
+process (the Ray Train worker loop, the decode UDF, the model actor), so that every filesystem and
+client made in that process, from whatever call site, uses the job's settings. A filesystem that
+Ray pickles (Ray Train's storage filesystem) is rebuilt from the same settings where it lands.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from imgcls.config.common import StorageConfig
 from imgcls.errors import StorageError, UserError, redact, shorten
 
 BASE_DIR_VARIABLE = "IMGCLS_BASE_DIR"
@@ -64,6 +72,29 @@ class Location:
         return PurePosixPath(self.path).name if self.is_local else self.path.rsplit("/", 1)[-1]
 
 
+class ClientSettings(NamedTuple):
+    """How the S3 clients retry and wait: the retry and timeout keys of a `StorageConfig`, hashable,
+    so that filesystems and clients are cached per endpoint, region and settings."""
+
+    max_attempts: int
+    connect_timeout_s: float
+    request_timeout_s: float
+
+    @classmethod
+    def of(cls, config: StorageConfig) -> "ClientSettings":
+        return cls(config.max_attempts, config.connect_timeout_s, config.request_timeout_s)
+
+
+_settings = ClientSettings.of(StorageConfig())
+
+
+def configure(config: StorageConfig) -> None:
+    """Use `config`'s retry and timeout settings for every S3 filesystem and client this process
+    makes or looks up from now on (the defaults until a job calls this)."""
+    global _settings
+    _settings = ClientSettings.of(config)
+
+
 def _describe_failure(error: BaseException) -> str:
     code = getattr(error, "response", {}).get("Error", {}).get("Code") if hasattr(error, "response") else None
     return shorten(redact(code or str(error) or type(error).__name__), 300)
@@ -103,17 +134,36 @@ def region_from_environment() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
 
 
+class ConfiguredS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem made from imgcls's settings, and rebuilt from them where it is
+    unpickled (Ray Train sends its storage filesystem to the workers and its controller): pyarrow's
+    own pickling keeps the timeouts but drops the retry strategy, which would fall back to 3 tries."""
+
+    def __init__(self, endpoint_url: str | None, region: str, settings: ClientSettings):
+        # Bounded waits: an unreachable or stalled endpoint fails a try within seconds instead of
+        # hanging a job (request_timeout: curl's low-speed limit, on Linux too).
+        options: dict[str, object] = {
+            "region": region,
+            "connect_timeout": settings.connect_timeout_s,
+            "request_timeout": settings.request_timeout_s,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        }
+        if endpoint_url:
+            parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+            options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+            options["scheme"] = parsed.scheme
+        super().__init__(**options)
+        self.made_from = (endpoint_url, region, settings)
+
+    def __reduce__(self):
+        return s3_filesystem, self.made_from
+
+
 @lru_cache(maxsize=8)
-def s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
-    """One S3 filesystem per endpoint and region per process. No keys are passed: pyarrow reads the
-    AWS credential chain itself, so nothing secret is held or pickled with the filesystem."""
-    # Bounded waits: an unreachable endpoint fails within seconds instead of hanging a job.
-    options: dict[str, object] = {"region": region, "connect_timeout": 10, "request_timeout": 60}
-    if endpoint_url:
-        parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
-        options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-        options["scheme"] = parsed.scheme
-    return pafs.S3FileSystem(**options)
+def s3_filesystem(endpoint_url: str | None, region: str, settings: ClientSettings) -> pafs.S3FileSystem:
+    """One S3 filesystem per endpoint, region and settings per process. No keys are passed: pyarrow
+    reads the AWS credential chain itself, so nothing secret is held or pickled with the filesystem."""
+    return ConfiguredS3FileSystem(endpoint_url, region, settings)
 
 
 def resolve(uri: str, endpoint_url: str | None = None) -> Location:
@@ -126,7 +176,7 @@ def resolve(uri: str, endpoint_url: str | None = None) -> Location:
             if not path:
                 raise UserError(f"{uri!r} names no bucket: use s3://bucket/prefix.")
             endpoint = endpoint_url or endpoint_from_environment()
-            return Location(s3_filesystem(endpoint, region_from_environment()), path, endpoint)
+            return Location(s3_filesystem(endpoint, region_from_environment(), _settings), path, endpoint)
         if scheme != "file":
             raise UserError(f"Unsupported storage scheme '{scheme}://' in {uri!r}: use a local path or s3://.")
         uri = rest
@@ -186,20 +236,28 @@ def write_parquet_atomic(location: Location, table) -> None:
     write_bytes_atomic(location, buffer.getvalue())
 
 
-@lru_cache(maxsize=8)
 def s3_client(endpoint_url: str | None):
-    """A boto3 client on the same endpoint (thread-safe, one per process), for paged listings and
-    for many small concurrent reads, where it outpaces pyarrow's S3 client."""
+    """A boto3 client on the same endpoint (thread-safe, one per process and settings), for paged
+    listings and for many small concurrent reads, where it outpaces pyarrow's S3 client."""
+    return _s3_client(endpoint_url, region_from_environment(), _settings)
+
+
+@lru_cache(maxsize=8)
+def _s3_client(endpoint_url: str | None, region: str, settings: ClientSettings):
     import boto3
     from botocore.config import Config
 
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url,
-        region_name=region_from_environment(),
-        # Retries (botocore's standard mode: throttling, 5xx, resets) and bounded waits per attempt.
+        region_name=region,
+        # botocore's standard mode retries throttling, 5xx, resets and timeouts. `total_max_attempts`
+        # counts the first try, as pyarrow's max_attempts does (botocore's `max_attempts` would not).
         config=Config(
-            max_pool_connections=32, retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60
+            max_pool_connections=32,
+            retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.request_timeout_s,
         ),
     )
 
@@ -249,19 +307,21 @@ def read_object(location: Location, max_bytes: int) -> bytes:
     bucket, _, key = location.path.partition("/")
     try:
         response = s3_client(location.endpoint_url).get_object(Bucket=bucket, Key=key)
-        body = response["Body"]
-        try:
-            if response.get("ContentLength", 0) > max_bytes:
-                raise FileTooLargeError(
-                    f"s3://{location.path}: object of {response['ContentLength']} bytes exceeds max_image_bytes ({max_bytes})"
-                )
-            data = body.read(max_bytes + 1)
-        finally:
-            body.close()
-    except ClientError as error:
-        raise OSError(f"s3://{location.path}: {error.response.get('Error', {}).get('Code', 'error')}") from None
-    except BotoCoreError as error:
+    except (ClientError, BotoCoreError) as error:
+        if isinstance(error, ClientError):
+            raise OSError(f"s3://{location.path}: {error.response.get('Error', {}).get('Code', 'error')}") from None
         raise OSError(f"s3://{location.path}: {error}") from None
+    body = response["Body"]
+    try:
+        if response.get("ContentLength", 0) > max_bytes:
+            raise FileTooLargeError(
+                f"s3://{location.path}: object of {response['ContentLength']} bytes exceeds max_image_bytes ({max_bytes})"
+            )
+        data = body.read(max_bytes + 1)
+    except BotoCoreError as error:  # the body cut off midway, which no client retries: this image's error
+        raise OSError(f"s3://{location.path}: {error}") from None
+    finally:
+        body.close()
     if len(data) > max_bytes:
         raise FileTooLargeError(f"s3://{location.path}: object exceeds max_image_bytes ({max_bytes})")
     return data
