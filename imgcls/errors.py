@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Characters of one input value that a message shows at most.
 SHOWN_VALUE_LIMIT = 200
@@ -82,3 +84,18 @@ def user_error_in(error: BaseException | str) -> UserError | None:
         if isinstance(kind, type) and issubclass(kind, UserError):
             return kind(message)
     return None
+
+
+@contextmanager
+def user_errors_from_ray() -> Iterator[None]:
+    """A user error raised inside a Ray task, actor or Ray Train worker comes out of this block as
+    itself (see `user_error_in`); every other error passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        user_error = user_error_in(error)
+        if user_error is None:
+            raise
+        raise user_error from None

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from imgcls.config import JobConfig, config_to_yaml, metric_mode
-from imgcls.errors import ConfigError, DataError
+from imgcls.errors import ConfigError, DataError, user_errors_from_ray
 from imgcls.platform import storage
 from imgcls.reporting.history import write_history
 from imgcls.training.feed import data_task_cpus
@@ -186,7 +186,8 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
         "training %s on %d images (%d steps of %d per worker and epoch), %d validation images", config.model.name,
         train_split.num_rows, worker_plan.steps_per_epoch, config.train.batch_size, val_split.num_rows if val_split else 0,
     )  # fmt: skip
-    result = trainer.fit()
+    with user_errors_from_ray():  # e.g. the endpoint failing under a worker writing the artifact
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the worker logs above")
     with result.checkpoint.as_directory() as checkpoint_dir:

@@ -50,3 +50,16 @@ def test_the_storage_settings_reach_both_clients_and_a_pickled_filesystem():
         storage.configure(StorageConfig())
     assert storage.s3_client(endpoint).meta.config.retries["total_max_attempts"] == 10
 
+
+def test_only_failures_of_the_endpoint_count_as_unavailable():
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert storage.is_unavailable(client_error("SlowDown", 503)) and storage.is_unavailable(client_error("InternalError", 500))
+    assert storage.is_unavailable(EndpointConnectionError(endpoint_url="http://x"))
+    assert storage.is_unavailable(ReadTimeoutError(endpoint_url="http://x"))
+    assert storage.is_unavailable(OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 28"))
+    assert not storage.is_unavailable(client_error("NoSuchKey", 404)) and not storage.is_unavailable(client_error("AccessDenied", 403))
+    assert not storage.is_unavailable(FileNotFoundError("Path does not exist 'bucket/key'"))

@@ -13,6 +13,7 @@ import pyarrow as pa
 from imgcls.config import DEFAULT_MAX_IMAGE_BYTES, StorageConfig
 from imgcls.data.listing import LabelledImages
 from imgcls.data.reading import decode_batch
+from imgcls.errors import user_errors_from_ray
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,11 @@ def prepare_split(
     generator = np.random.default_rng(seed)
     order = generator.permutation(len(images.paths))  # Mix classes across blocks.
     shuffled = images.subset(order)
-    decoded = decoded_dataset(
-        shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size, storage_config,
-        num_cpus=num_cpus, max_bytes=max_bytes,
-    ).materialize()  # fmt: skip
+    with user_errors_from_ray():  # an endpoint that kept failing inside a decode task
+        decoded = decoded_dataset(
+            shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size,
+            storage_config, num_cpus=num_cpus, max_bytes=max_bytes,
+        ).materialize()  # fmt: skip
     skipped_rows = decoded.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
     skipped = [{"path": str(row["path"]), "error": str(row["error"])} for row in skipped_rows]
     # `row` is a stable id per image: augmentation draws its random parameters from it.

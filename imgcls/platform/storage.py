@@ -18,6 +18,7 @@ Ray pickles (Ray Train's storage filesystem) is rebuilt from the same settings w
 from __future__ import annotations
 
 import os
+import re
 import stat
 import uuid
 from collections.abc import Iterator
@@ -95,9 +96,44 @@ def configure(config: StorageConfig) -> None:
     _settings = ClientSettings.of(config)
 
 
+# pyarrow's messages for failures its retries are for: connection failures and timeouts, throttling, 5xx.
+_UNAVAILABLE_MARKERS = re.compile(r"NETWORK_CONNECTION|SLOW_DOWN|SERVICE_UNAVAILABLE|THROTTLING|HTTP status 5\d\d")
+# S3's codes for "too many requests" that come with other statuses than 503.
+_THROTTLING_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"})
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether the client's error says the endpoint failed (what its retries are for: connection
+    failures, timeouts, throttling, 5xx) rather than something about one object."""
+    if isinstance(error, OSError) and not _is_botocore_error(error):
+        return bool(_UNAVAILABLE_MARKERS.search(str(error)))
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or error.response.get("Error", {}).get("Code") in _THROTTLING_CODES
+    return isinstance(error, (ConnectionError, HTTPClientError))
+
+
 def _describe_failure(error: BaseException) -> str:
     code = getattr(error, "response", {}).get("Error", {}).get("Code") if hasattr(error, "response") else None
     return shorten(redact(code or str(error) or type(error).__name__), 300)
+
+
+def storage_error(location: "Location", action: str, error: BaseException) -> StorageError:
+    """The user's view of a client's failure: the URI, for object stores the endpoint, the reason,
+    and when the endpoint itself kept failing, that the retries ran out."""
+    where = "" if location.is_local else f" (endpoint {redact(location.endpoint_url or 'AWS S3 default')})"
+    if not location.is_local and is_unavailable(error):
+        return StorageError(
+            f"Cannot {action} {location.uri}{where}: {_describe_failure(error)}, still failing after "
+            f"storage.max_attempts={_settings.max_attempts} tries. Check that the endpoint is up and reachable "
+            "from every node; a run that stopped here can simply be run again."
+        )
+    return StorageError(
+        f"Cannot {action} {location.uri}{where}: {_describe_failure(error)}. Check that the path or bucket "
+        "exists, the endpoint is reachable and the credentials allow it."
+    )
 
 
 @contextmanager
@@ -111,11 +147,7 @@ def user_facing_errors(location: "Location", action: str) -> Iterator[None]:
     except Exception as error:
         if not isinstance(error, OSError) and not _is_botocore_error(error):
             raise
-        where = "" if location.is_local else f" (endpoint {redact(location.endpoint_url or 'AWS S3 default')})"
-        raise StorageError(
-            f"Cannot {action} {location.uri}{where}: {_describe_failure(error)}. Check that the path or bucket "
-            "exists, the endpoint is reachable and the credentials allow it."
-        ) from None
+        raise storage_error(location, action, error) from None
 
 
 def _is_botocore_error(error: BaseException) -> bool:
@@ -197,6 +229,13 @@ def is_file(location: Location) -> bool:
 
 
 def read_bytes(location: Location) -> bytes:
+    if not location.is_local:
+        # Through boto3: pyarrow reads an object into a buffer of the object's size, and S3's error
+        # body for a 503 does not fit one of a few hundred bytes (a run marker), so the AWS SDK calls
+        # that an internal failure and does not retry it.
+        bucket, _, key = location.path.partition("/")
+        with user_facing_errors(location, "read"):
+            return s3_client(location.endpoint_url).get_object(Bucket=bucket, Key=key)["Body"].read()
     with user_facing_errors(location, "read"), location.filesystem.open_input_stream(location.path) as stream:
         return stream.read()
 
@@ -308,6 +347,10 @@ def read_object(location: Location, max_bytes: int) -> bytes:
     try:
         response = s3_client(location.endpoint_url).get_object(Bucket=bucket, Key=key)
     except (ClientError, BotoCoreError) as error:
+        # The client retried this and gave up: the endpoint is down or overloaded, not this object,
+        # so the run stops (naming the endpoint) instead of writing or skipping every image as unreadable.
+        if is_unavailable(error):
+            raise storage_error(location, "read", error) from None
         if isinstance(error, ClientError):
             raise OSError(f"s3://{location.path}: {error.response.get('Error', {}).get('Code', 'error')}") from None
         raise OSError(f"s3://{location.path}: {error}") from None
