@@ -78,7 +78,11 @@ def user_error_in(error: BaseException | str) -> UserError | None:
     """The user's error inside a Ray error (or its text), if that is what it is. A Ray task, actor or
     Tune trial that failed on a user error reaches the driver wrapped in Ray's own exception, which
     keeps only the text of the traceback; recover the message, so the job exits 2 with one paragraph
-    instead of 1 with Ray's stack."""
+    instead of 1 with Ray's stack. Ray Train hands over its workers' exceptions themselves (its
+    message holds only a snippet of their tracebacks, cut in the middle when long)."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        if isinstance(failure, UserError):
+            return failure
     for name, message in reversed(_ERROR_LINE.findall(str(error))):
         kind = getattr(sys.modules[__name__], name, None)
         if isinstance(kind, type) and issubclass(kind, UserError):

@@ -186,7 +186,9 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
         "training %s on %d images (%d steps of %d per worker and epoch), %d validation images", config.model.name,
         train_split.num_rows, worker_plan.steps_per_epoch, config.train.batch_size, val_split.num_rows if val_split else 0,
     )  # fmt: skip
-    with user_errors_from_ray():  # e.g. the endpoint failing under a worker writing the artifact
+    # The endpoint failing under a worker writing the artifact, or under Ray Train's own checkpoint
+    # reads and writes: the user's error, naming it.
+    with storage.endpoint_failures_named(output_dir.join("checkpoints"), "keep checkpoints in"), user_errors_from_ray():
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the worker logs above")

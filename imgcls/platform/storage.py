@@ -136,6 +136,27 @@ def storage_error(location: "Location", action: str, error: BaseException) -> St
     )
 
 
+# How pyarrow's S3 errors read: "When listing objects under key '...' in bucket '...': AWS Error ...".
+_PYARROW_S3_FAILURE = re.compile(r"When [^\n]*?: AWS Error [^\n]*")
+
+
+@contextmanager
+def endpoint_failures_named(location: "Location", action: str) -> Iterator[None]:
+    """For work that is not imgcls's on `location` (Ray Train reading and writing its checkpoints
+    with the filesystem it was given): a failure whose text shows pyarrow's S3 client giving up on a
+    failing endpoint becomes a StorageError naming it; anything else passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        texts = [str(error), *map(str, (getattr(error, "worker_failures", None) or {}).values())]
+        reasons = [reason for text in texts for reason in _PYARROW_S3_FAILURE.findall(text)]
+        if location.is_local or not reasons or not is_unavailable(OSError(reasons[-1])):
+            raise
+        raise storage_error(location, action, OSError(reasons[-1])) from None
+
+
 @contextmanager
 def user_facing_errors(location: "Location", action: str) -> Iterator[None]:
     """Turn the storage client's exceptions (pyarrow's OSError, botocore's errors) into one
