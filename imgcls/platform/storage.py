@@ -126,8 +126,8 @@ def storage_error(location: "Location", action: str, error: BaseException) -> St
     where = "" if location.is_local else f" (endpoint {redact(location.endpoint_url or 'AWS S3 default')})"
     if not location.is_local and is_unavailable(error):
         return StorageError(
-            f"Cannot {action} {location.uri}{where}: {_describe_failure(error)}, still failing after "
-            f"storage.max_attempts={_settings.max_attempts} tries. Check that the endpoint is up and reachable "
+            f"Cannot {action} {location.uri}{where}: {_describe_failure(error)}; the endpoint kept failing "
+            f"through the retries (storage.max_attempts={_settings.max_attempts}). Check that it is up and reachable "
             "from every node; a run that stopped here can simply be run again."
         )
     return StorageError(
