@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Characters of one input value that a message shows at most.
 SHOWN_VALUE_LIMIT = 200
@@ -86,9 +88,28 @@ def user_error_in(error: BaseException | str) -> UserError | JobFailedError | No
     """The user's error inside a Ray error (or its text), if that is what it is. A Ray task, actor or
     Tune trial that failed on a user error reaches the driver wrapped in Ray's own exception, which
     keeps only the text of the traceback; recover the message, so the job exits 2 with one paragraph
-    instead of 1 with Ray's stack."""
+    instead of 1 with Ray's stack. Ray Train hands over its workers' exceptions themselves (its
+    message holds only a snippet of their tracebacks, cut in the middle when long)."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        if isinstance(failure, UserError):
+            return failure
     for name, message in reversed(_ERROR_LINE.findall(str(error))):
         kind = getattr(sys.modules[__name__], name, None)
         if isinstance(kind, type) and issubclass(kind, (UserError, JobFailedError)):
             return kind(message)
     return None
+
+
+@contextmanager
+def user_errors_from_ray() -> Iterator[None]:
+    """A user error raised inside a Ray task, actor or Ray Train worker comes out of this block as
+    itself (see `user_error_in`); every other error passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        user_error = user_error_in(error)
+        if user_error is None:
+            raise
+        raise user_error from None

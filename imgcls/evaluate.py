@@ -81,6 +81,7 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     from imgcls.reporting.plots import confusion_matrix_heatmap, reliability_diagram
 
     started = time.perf_counter()
+    storage.configure(config.storage)
     endpoint_url = config.storage.endpoint_url
     metadata = read_metadata(config.model, endpoint_url)
     class_names = metadata.class_names

@@ -63,6 +63,7 @@ def run(config: PredictConfig) -> PredictSummary:
     from imgcls.platform.output_lease import OutputLease
 
     started = time.perf_counter()
+    storage.configure(config.storage)
     endpoint_url = config.storage.endpoint_url
     metadata = read_metadata(config.model, endpoint_url)
     output = storage.resolve(config.output, endpoint_url)

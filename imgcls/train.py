@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from imgcls.config import JobConfig, config_to_yaml, metric_mode
-from imgcls.errors import ConfigError, DataError
+from imgcls.errors import ConfigError, DataError, user_errors_from_ray
 from imgcls.platform import storage
 from imgcls.reporting.history import write_history
 from imgcls.training.feed import data_task_cpus
@@ -119,7 +119,7 @@ def _decode_data(config: JobConfig, train_images, val_images):
         max_bytes=config.data.max_image_bytes,
         decode_batch_size=config.data.decode_batch_size,
         seed=config.seed,
-        endpoint_url=config.storage.endpoint_url,
+        storage_config=config.storage,
         num_cpus=data_task_cpus(config),
     )
     train_split = prepare_split(train_images, split_name="train", **settings)
@@ -147,6 +147,7 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     from imgcls.training.checkpoint import load_final_model, read_final_state
 
     started = time.time()
+    storage.configure(config.storage)
     ensure_ray()
     phases = {"ray_s": time.time() - started}
     totals = free_resources() if plan_with_free_cpus else cluster_totals()
@@ -185,7 +186,10 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
         "training %s on %d images (%d steps of %d per worker and epoch), %d validation images", config.model.name,
         train_split.num_rows, worker_plan.steps_per_epoch, config.train.batch_size, val_split.num_rows if val_split else 0,
     )  # fmt: skip
-    result = trainer.fit()
+    # The endpoint failing under a worker writing the artifact, or under Ray Train's own checkpoint
+    # reads and writes: the user's error, naming it.
+    with storage.endpoint_failures_named(output_dir.join("checkpoints"), "keep checkpoints in"), user_errors_from_ray():
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the worker logs above")
     with result.checkpoint.as_directory() as checkpoint_dir:

@@ -269,6 +269,7 @@ def run(config: JobConfig) -> TuneResult:
         raise ConfigError("jobs/tune.py needs a `tune:` section with at least `tune.search_space` (see README).")
     settings = config.tune
     check_search_space(config)
+    storage.configure(config.storage)
     ensure_ray()
     plan = plan_tuning(config, free_resources()["CPU"])
     logger.info("tuning plan: %s", plan.describe(config.scaling.num_workers))

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pytest
 from conftest import REPO_ROOT
 from image_factory import write_pattern_dataset
 

@@ -80,3 +80,14 @@ def test_predict_config_rejects_output_equal_to_input():
 def test_example_configs_are_valid(name):
     config = load_job_config(REPO_ROOT / "examples" / "configs" / name)
     assert config.model.name == "seed_cnn"
+
+
+def test_storage_retry_settings_have_defaults_and_bounds():
+    storage = PredictConfig(model="m", input="/in", output="/out").storage
+    assert (storage.max_attempts, storage.connect_timeout_s, storage.request_timeout_s) == (10, 10.0, 60.0)
+    config = load_job_config(None, ["data.train=/a", "storage.max_attempts=3", "storage.request_timeout_s=5"])
+    assert (config.storage.max_attempts, config.storage.request_timeout_s) == (3, 5.0)
+    with pytest.raises(ConfigError, match="'storage.max_attempts'"):
+        load_job_config(None, ["data.train=/a", "storage.max_attempts=0"])
+    with pytest.raises(ConfigError, match="'storage.connect_timeout_s'"):
+        load_job_config(None, ["data.train=/a", "storage.connect_timeout_s=-1"])

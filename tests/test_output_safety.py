@@ -301,8 +301,9 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_exits_2(s3_endpoint, tiny_a
     message = capsys.readouterr().err
     assert "no-such-bucket-imgcls" in message and "Traceback" not in message
     endpoint = f"http://127.0.0.1:{free_port()}"
+    # Two tries: the default ten would spend the retry budget on a port nothing listens on.
     code = predict(tiny_artifact, "--input", "s3://bucket/images", "--output", str(tmp_path / "o"),
-                   "--set", f"storage.endpoint_url={endpoint}")  # fmt: skip
+                   "--set", f"storage.endpoint_url={endpoint}", "--set", "storage.max_attempts=2")  # fmt: skip
     message = capsys.readouterr().err
     assert code == 2 and endpoint in message and "Traceback" not in message
 

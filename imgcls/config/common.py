@@ -85,12 +85,37 @@ def _usable_output(value: str) -> str:
 CREDENTIALS_ERROR_TYPE = "credentials_in_url"
 
 
+# Tries per S3 request, the first included, in both clients' standard retry mode. Between tries they
+# wait a jittered exponential backoff capped at 20 s: over the 9 waits at most 111 s (about a minute
+# on average) for throttling, and in pyarrow for any error; boto3 waits less after resets and 5xx
+# (a 50 ms base: at most 26 s).
+DEFAULT_MAX_ATTEMPTS = 10
+
+
 class StorageConfig(StrictModel):
     endpoint_url: str | None = Field(
         default=None,
         description="S3-compatible endpoint (e.g. http://minio:9000) for every s3:// URI. Unset: "
         "AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, else AWS S3. Credentials never go here: they come "
         "from the standard AWS chain (environment, ~/.aws, instance or pod role).",
+    )
+    max_attempts: int = Field(
+        default=DEFAULT_MAX_ATTEMPTS,
+        ge=1,
+        le=50,
+        description="Tries per S3 request, the first included (1: no retries), in the standard retry mode of "
+        "both clients (boto3 and pyarrow's AWS SDK): resets, timeouts, 5xx and throttling (503 SlowDown) are "
+        "retried after a jittered exponential backoff capped at 20 s.",
+    )
+    connect_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Seconds one try waits for a connection to the endpoint."
+    )
+    request_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Seconds one try waits for the endpoint's next bytes (an answer that stalls longer is a "
+        "failed try and retried).",
     )
 
     @field_validator("endpoint_url")

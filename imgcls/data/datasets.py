@@ -10,9 +10,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from imgcls.config import DEFAULT_MAX_IMAGE_BYTES
+from imgcls.config import DEFAULT_MAX_IMAGE_BYTES, StorageConfig
 from imgcls.data.listing import LabelledImages
 from imgcls.data.reading import decode_batch
+from imgcls.errors import user_errors_from_ray
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,13 @@ def decoded_dataset(
     channels: int,
     max_pixels: int,
     decode_batch_size: int,
-    endpoint_url: str | None = None,
+    storage_config: StorageConfig | None = None,
     num_cpus: float | None = None,
     rows_per_block: int = ROWS_PER_BLOCK,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ):
-    """A lazy Ray Dataset of path (+label), image and error columns; one decode task per block."""
+    """A lazy Ray Dataset of path (+label), image and error columns; one decode task per block, each
+    reading with the job's `storage_config` (endpoint, retries)."""
     import ray.data
 
     dataset = ray.data.from_arrow(paths_table(paths, label_indices, rows_per_block))
@@ -63,7 +65,7 @@ def decoded_dataset(
             "image_size": tuple(image_size),
             "channels": channels,
             "max_pixels": max_pixels,
-            "endpoint_url": endpoint_url,
+            "storage_config": storage_config,
             "max_bytes": max_bytes,
         },
     )
@@ -87,7 +89,7 @@ def prepare_split(
     decode_batch_size: int,
     seed: int,
     split_name: str,
-    endpoint_url: str | None = None,
+    storage_config: StorageConfig | None = None,
     num_cpus: float | None = None,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> PreparedSplit:
@@ -101,10 +103,11 @@ def prepare_split(
     generator = np.random.default_rng(seed)
     order = generator.permutation(len(images.paths))  # Mix classes across blocks.
     shuffled = images.subset(order)
-    decoded = decoded_dataset(
-        shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size, endpoint_url,
-        num_cpus=num_cpus, max_bytes=max_bytes,
-    ).materialize()  # fmt: skip
+    with user_errors_from_ray():  # an endpoint that kept failing inside a decode task
+        decoded = decoded_dataset(
+            shuffled.paths, shuffled.label_indices(), image_size, channels, max_pixels, decode_batch_size,
+            storage_config, num_cpus=num_cpus, max_bytes=max_bytes,
+        ).materialize()  # fmt: skip
     skipped_rows = decoded.filter(expr=col("error") != "").select_columns(["path", "error"]).take_all()
     skipped = [{"path": str(row["path"]), "error": str(row["error"])} for row in skipped_rows]
     # `row` is a stable id per image: augmentation draws its random parameters from it.

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from imgcls.config import DEFAULT_MAX_IMAGE_BYTES
+from imgcls.config import DEFAULT_MAX_IMAGE_BYTES, StorageConfig
 from imgcls.data.images import ImageDecodeError, decode_image
-from imgcls.errors import UserError
+from imgcls.errors import StorageError, UserError
 from imgcls.platform import storage
 
 # Concurrent object reads per decode task: fetching from an object store is latency-bound.
@@ -34,6 +34,8 @@ def _read_each(paths: list[str], endpoint_url: str | None, max_bytes: int) -> It
             if os.path.isabs(path):  # listed local files: skip resolving a filesystem per file
                 return storage.read_local_file(path, max_bytes)
             return storage.read_object(storage.resolve(path, endpoint_url), max_bytes)
+        except StorageError:  # the endpoint kept failing after the client's retries: the run fails
+            raise
         except UserError as error:  # e.g. an http:// URL in a manifest: this row fails, not the run
             return UnusablePathError(str(error))
         except OSError as error:
@@ -54,13 +56,19 @@ def decode_batch(
     image_size: tuple[int, int],
     channels: int,
     max_pixels: int,
-    endpoint_url: str | None = None,
+    storage_config: StorageConfig | None = None,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> dict[str, np.ndarray]:
-    """Ray Data UDF: read and decode every path in the batch; failures become an `error` string.
+    """Ray Data UDF: read and decode every path in the batch; failures become an `error` string,
+    except an endpoint that kept failing through the client's retries: that StorageError ends the run.
 
     Every row gets an image of the same shape (zeros on error), so Arrow never sees ragged arrays.
+    `storage_config` is the job's: its endpoint, and the retry settings this process then uses.
     """
+    endpoint_url = None
+    if storage_config is not None:
+        storage.configure(storage_config)
+        endpoint_url = storage_config.endpoint_url
     paths = [str(path) for path in batch["path"]]
     height, width = image_size
     images = np.zeros((len(paths), height, width, channels), dtype=np.uint8)

@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from imgcls.config import EvaluateConfig, PredictConfig
+from imgcls.config import EvaluateConfig, PredictConfig, StorageConfig
 from imgcls.platform import storage
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class Predictor:
         model_uri: str,
         top_k: int,
         batch_size: int,
-        endpoint_url: str | None = None,
+        storage_config: StorageConfig | None = None,
         min_score: float | None = None,
         cpu_threads: int | None = None,
         lean_import: bool = False,
@@ -74,11 +74,13 @@ class Predictor:
         from imgcls.platform.logs import native_chatter_filtered
         from imgcls.platform.tensorflow_import import import_for_inference
 
+        if storage_config is not None:  # the job's endpoint and retry settings, also in an actor's process
+            storage.configure(storage_config)
         with native_chatter_filtered():  # TensorFlow's start-up, up to its first device probe
             import_for_inference(lean=lean_import)
             if cpu_threads is not None:
                 _limit_tensorflow_threads(cpu_threads)
-            self.model, self.metadata = load_artifact(model_uri, endpoint_url)
+            self.model, self.metadata = load_artifact(model_uri, storage_config.endpoint_url if storage_config else None)
         self.class_names = np.array(self.metadata.class_names, dtype=object)
         self.top_k = min(top_k, len(self.class_names))
         self.batch_size = batch_size
@@ -87,9 +89,9 @@ class Predictor:
 
     @classmethod
     def from_artifact(
-        cls, model_uri: str, top_k: int = 5, batch_size: int = 64, endpoint_url: str | None = None
+        cls, model_uri: str, top_k: int = 5, batch_size: int = 64, storage_config: StorageConfig | None = None
     ) -> "Predictor":
-        return cls(model_uri, top_k, batch_size, endpoint_url)
+        return cls(model_uri, top_k, batch_size, storage_config)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         outputs = [
@@ -149,12 +151,11 @@ class Predictor:
 def predictor_arguments(
     config: PredictConfig | EvaluateConfig, top_k: int, min_score: float | None, output: Output = "rows"
 ) -> dict:
-    endpoint_url = config.storage.endpoint_url
     return {
-        "model_uri": storage.resolve(config.model, endpoint_url).uri,
+        "model_uri": storage.resolve(config.model, config.storage.endpoint_url).uri,
         "top_k": top_k,
         "batch_size": config.batch_size,
-        "endpoint_url": endpoint_url,
+        "storage_config": config.storage,
         "min_score": min_score,
         "output": output,
     }
@@ -167,6 +168,6 @@ def decode_arguments(config: PredictConfig | EvaluateConfig, metadata) -> dict:
         "image_size": tuple(metadata.image_size),
         "channels": metadata.channels,
         "max_pixels": config.max_image_pixels,
-        "endpoint_url": config.storage.endpoint_url,
+        "storage_config": config.storage,
         "max_bytes": config.max_image_bytes,
     }

@@ -7,11 +7,18 @@ the standard AWS chain (environment, shared files, instance or pod role) and are
 
 Relative local paths resolve against `IMGCLS_BASE_DIR` when it is set (so a job submitted with
 `ray job submit --working-dir .` still writes next to the user's checkout), else the current directory.
+
+Retries and timeouts are the clients' own (standard retry mode, see `StorageConfig`), set once per
+process by `configure(config.storage)`: by each job's driver, and where a job's work starts in another
+process (the Ray Train worker loop, the decode UDF, the model actor), so that every filesystem and
+client made in that process, from whatever call site, uses the job's settings. A filesystem that
+Ray pickles (Ray Train's storage filesystem) is rebuilt from the same settings where it lands.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 import uuid
 from collections.abc import Iterator
@@ -19,10 +26,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from imgcls.config.common import StorageConfig
 from imgcls.errors import StorageError, UserError, redact, shorten
 
 BASE_DIR_VARIABLE = "IMGCLS_BASE_DIR"
@@ -73,9 +82,88 @@ class Location:
         return PurePosixPath(self.path).name if self.is_local else self.path.rsplit("/", 1)[-1]
 
 
+class ClientSettings(NamedTuple):
+    """How the S3 clients retry and wait: the retry and timeout keys of a `StorageConfig`, hashable,
+    so that filesystems and clients are cached per endpoint, region and settings."""
+
+    max_attempts: int
+    connect_timeout_s: float
+    request_timeout_s: float
+
+    @classmethod
+    def of(cls, config: StorageConfig) -> "ClientSettings":
+        return cls(config.max_attempts, config.connect_timeout_s, config.request_timeout_s)
+
+
+_settings = ClientSettings.of(StorageConfig())
+
+
+def configure(config: StorageConfig) -> None:
+    """Use `config`'s retry and timeout settings for every S3 filesystem and client this process
+    makes or looks up from now on (the defaults until a job calls this)."""
+    global _settings
+    _settings = ClientSettings.of(config)
+
+
+# pyarrow's messages for failures its retries are for: connection failures and timeouts, throttling, 5xx.
+_UNAVAILABLE_MARKERS = re.compile(r"NETWORK_CONNECTION|SLOW_DOWN|SERVICE_UNAVAILABLE|THROTTLING|HTTP status 5\d\d")
+# S3's codes for "too many requests" that come with other statuses than 503.
+_THROTTLING_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"})
+
+
+def is_unavailable(error: BaseException) -> bool:
+    """Whether the client's error says the endpoint failed (what its retries are for: connection
+    failures, timeouts, throttling, 5xx) rather than something about one object."""
+    if isinstance(error, OSError) and not _is_botocore_error(error):
+        return bool(_UNAVAILABLE_MARKERS.search(str(error)))
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(error, ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or status == 429 or error.response.get("Error", {}).get("Code") in _THROTTLING_CODES
+    return isinstance(error, (ConnectionError, HTTPClientError))
+
+
 def _describe_failure(error: BaseException) -> str:
     code = getattr(error, "response", {}).get("Error", {}).get("Code") if hasattr(error, "response") else None
     return shorten(redact(code or str(error) or type(error).__name__), 300)
+
+
+def storage_error(location: "Location", action: str, error: BaseException) -> StorageError:
+    """The user's view of a client's failure: the URI, for object stores the endpoint, the reason,
+    and when the endpoint itself kept failing, that the retries ran out."""
+    where = "" if location.is_local else f" (endpoint {redact(location.endpoint_url or 'AWS S3 default')})"
+    if not location.is_local and is_unavailable(error):
+        return StorageError(
+            f"Cannot {action} {location.uri}{where}: {_describe_failure(error)}; the endpoint kept failing "
+            f"through the retries (storage.max_attempts={_settings.max_attempts}). Check that it is up and reachable "
+            "from every node; a run that stopped here can simply be run again."
+        )
+    return StorageError(
+        f"Cannot {action} {location.uri}{where}: {_describe_failure(error)}. Check that the path or bucket "
+        "exists, the endpoint is reachable and the credentials allow it."
+    )
+
+
+# How pyarrow's S3 errors read: "When listing objects under key '...' in bucket '...': AWS Error ...".
+_PYARROW_S3_FAILURE = re.compile(r"When [^\n]*?: AWS Error [^\n]*")
+
+
+@contextmanager
+def endpoint_failures_named(location: "Location", action: str) -> Iterator[None]:
+    """For work that is not imgcls's on `location` (Ray Train reading and writing its checkpoints
+    with the filesystem it was given): a failure whose text shows pyarrow's S3 client giving up on a
+    failing endpoint becomes a StorageError naming it; anything else passes unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as error:
+        texts = [str(error), *map(str, (getattr(error, "worker_failures", None) or {}).values())]
+        reasons = [reason for text in texts for reason in _PYARROW_S3_FAILURE.findall(text)]
+        if location.is_local or not reasons or not is_unavailable(OSError(reasons[-1])):
+            raise
+        raise storage_error(location, action, OSError(reasons[-1])) from None
 
 
 @contextmanager
@@ -89,11 +177,7 @@ def user_facing_errors(location: "Location", action: str) -> Iterator[None]:
     except Exception as error:
         if not isinstance(error, OSError) and not _is_botocore_error(error):
             raise
-        where = "" if location.is_local else f" (endpoint {redact(location.endpoint_url or 'AWS S3 default')})"
-        raise StorageError(
-            f"Cannot {action} {location.uri}{where}: {_describe_failure(error)}. Check that the path or bucket "
-            "exists, the endpoint is reachable and the credentials allow it."
-        ) from None
+        raise storage_error(location, action, error) from None
 
 
 def _is_botocore_error(error: BaseException) -> bool:
@@ -112,33 +196,40 @@ def region_from_environment() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
 
 
-class S3FileSystem(pafs.S3FileSystem):
-    """pyarrow's S3 filesystem, unpickled through `s3_filesystem`: a Ray worker, or Ray Train's
-    controller writing its checkpoint records, then gets the settings that function makes before
-    its client exists, and shares one filesystem per endpoint with the rest of its process."""
+class ConfiguredS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem made from imgcls's settings, and rebuilt from them where it is
+    unpickled (Ray Train sends its storage filesystem to the workers and its controller): pyarrow's
+    own pickling keeps the timeouts but drops the retry strategy, which would fall back to 3 tries."""
 
-    def __init__(self, endpoint_url: str | None, region_name: str, **options):
-        super().__init__(region=region_name, **options)
-        self.endpoint_url = endpoint_url
-        self.region_name = region_name
+    def __init__(self, endpoint_url: str | None, region: str, settings: ClientSettings):
+        # Bounded waits: an unreachable or stalled endpoint fails a try within seconds instead of
+        # hanging a job (request_timeout: curl's low-speed limit, on Linux too).
+        options: dict[str, object] = {
+            "region": region,
+            "connect_timeout": settings.connect_timeout_s,
+            "request_timeout": settings.request_timeout_s,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=settings.max_attempts),
+        }
+        if endpoint_url:
+            parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+            options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+            options["scheme"] = parsed.scheme
+        super().__init__(**options)
+        self.made_from = (endpoint_url, region, settings)
 
     def __reduce__(self):
-        return s3_filesystem, (self.endpoint_url, self.region_name)
+        return s3_filesystem, self.made_from
 
 
 @lru_cache(maxsize=8)
-def s3_filesystem(endpoint_url: str | None, region: str) -> S3FileSystem:
-    """One S3 filesystem per endpoint and region per process. No keys are passed: pyarrow reads the
-    AWS credential chain itself, so nothing secret is held or pickled with the filesystem."""
-    # Bounded waits: an unreachable endpoint fails within seconds instead of hanging a job.
-    options: dict[str, object] = {"connect_timeout": 10, "request_timeout": 60}
+def s3_filesystem(endpoint_url: str | None, region: str, settings: ClientSettings) -> pafs.S3FileSystem:
+    """One S3 filesystem per endpoint, region and settings per process. No keys are passed: pyarrow
+    reads the AWS credential chain itself, so nothing secret is held or pickled with the filesystem.
+    Unpickling comes here too, so a Ray worker gets the checksum setting before its client exists."""
     if endpoint_url:
         for variable, value in S3_COMPATIBLE_CHECKSUMS.items():
             os.environ.setdefault(variable, value)
-        parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
-        options["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-        options["scheme"] = parsed.scheme
-    return S3FileSystem(endpoint_url, region, **options)
+    return ConfiguredS3FileSystem(endpoint_url, region, settings)
 
 
 def resolve(uri: str, endpoint_url: str | None = None) -> Location:
@@ -151,7 +242,7 @@ def resolve(uri: str, endpoint_url: str | None = None) -> Location:
             if not path:
                 raise UserError(f"{uri!r} names no bucket: use s3://bucket/prefix.")
             endpoint = endpoint_url or endpoint_from_environment()
-            return Location(s3_filesystem(endpoint, region_from_environment()), path, endpoint)
+            return Location(s3_filesystem(endpoint, region_from_environment(), _settings), path, endpoint)
         if scheme != "file":
             raise UserError(f"Unsupported storage scheme '{scheme}://' in {uri!r}: use a local path or s3://.")
         uri = rest
@@ -172,6 +263,13 @@ def is_file(location: Location) -> bool:
 
 
 def read_bytes(location: Location) -> bytes:
+    if not location.is_local:
+        # Through boto3: pyarrow reads an object into a buffer of the object's size, and S3's error
+        # body for a 503 does not fit one of a few hundred bytes (a run marker), so the AWS SDK calls
+        # that an internal failure and does not retry it.
+        bucket, _, key = location.path.partition("/")
+        with user_facing_errors(location, "read"):
+            return s3_client(location.endpoint_url).get_object(Bucket=bucket, Key=key)["Body"].read()
     with user_facing_errors(location, "read"), location.filesystem.open_input_stream(location.path) as stream:
         return stream.read()
 
@@ -211,20 +309,28 @@ def write_parquet_atomic(location: Location, table) -> None:
     write_bytes_atomic(location, buffer.getvalue())
 
 
-@lru_cache(maxsize=8)
 def s3_client(endpoint_url: str | None):
-    """A boto3 client on the same endpoint (thread-safe, one per process), for paged listings and
-    for many small concurrent reads, where it outpaces pyarrow's S3 client."""
+    """A boto3 client on the same endpoint (thread-safe, one per process and settings), for paged
+    listings and for many small concurrent reads, where it outpaces pyarrow's S3 client."""
+    return _s3_client(endpoint_url, region_from_environment(), _settings)
+
+
+@lru_cache(maxsize=8)
+def _s3_client(endpoint_url: str | None, region: str, settings: ClientSettings):
     import boto3
     from botocore.config import Config
 
     return boto3.client(
         "s3",
         endpoint_url=endpoint_url,
-        region_name=region_from_environment(),
-        # Retries (botocore's standard mode: throttling, 5xx, resets) and bounded waits per attempt.
+        region_name=region,
+        # botocore's standard mode retries throttling, 5xx, resets and timeouts. `total_max_attempts`
+        # counts the first try, as pyarrow's max_attempts does (botocore's `max_attempts` would not).
         config=Config(
-            max_pool_connections=32, retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60
+            max_pool_connections=32,
+            retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
+            connect_timeout=settings.connect_timeout_s,
+            read_timeout=settings.request_timeout_s,
         ),
     )
 
@@ -274,19 +380,25 @@ def read_object(location: Location, max_bytes: int) -> bytes:
     bucket, _, key = location.path.partition("/")
     try:
         response = s3_client(location.endpoint_url).get_object(Bucket=bucket, Key=key)
-        body = response["Body"]
-        try:
-            if response.get("ContentLength", 0) > max_bytes:
-                raise FileTooLargeError(
-                    f"s3://{location.path}: object of {response['ContentLength']} bytes exceeds max_image_bytes ({max_bytes})"
-                )
-            data = body.read(max_bytes + 1)
-        finally:
-            body.close()
-    except ClientError as error:
-        raise OSError(f"s3://{location.path}: {error.response.get('Error', {}).get('Code', 'error')}") from None
-    except BotoCoreError as error:
+    except (ClientError, BotoCoreError) as error:
+        # The client retried this and gave up: the endpoint is down or overloaded, not this object,
+        # so the run stops (naming the endpoint) instead of writing or skipping every image as unreadable.
+        if is_unavailable(error):
+            raise storage_error(location, "read", error) from None
+        if isinstance(error, ClientError):
+            raise OSError(f"s3://{location.path}: {error.response.get('Error', {}).get('Code', 'error')}") from None
         raise OSError(f"s3://{location.path}: {error}") from None
+    body = response["Body"]
+    try:
+        if response.get("ContentLength", 0) > max_bytes:
+            raise FileTooLargeError(
+                f"s3://{location.path}: object of {response['ContentLength']} bytes exceeds max_image_bytes ({max_bytes})"
+            )
+        data = body.read(max_bytes + 1)
+    except BotoCoreError as error:  # the body cut off midway, which no client retries: this image's error
+        raise OSError(f"s3://{location.path}: {error}") from None
+    finally:
+        body.close()
     if len(data) > max_bytes:
         raise FileTooLargeError(f"s3://{location.path}: object exceeds max_image_bytes ({max_bytes})")
     return data

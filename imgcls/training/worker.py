@@ -45,10 +45,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.data
     import ray.train
 
+    from imgcls.platform import storage
     from imgcls.platform.logs import configure_worker_logging, native_chatter_filtered, verbose
 
     configure_worker_logging()  # after Ray Data's import: it sets up handlers of its own
     plan: WorkerPlan = loop_config["plan"]
+    storage.configure(plan.config.storage)  # the job's retries for the artifact this process writes
     data_context = ray.data.DataContext.get_current()
     # Progress bars of this worker's shard iteration would interleave with the epoch lines.
     data_context.enable_progress_bars = verbose()
