@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from imgcls.config import JobConfig, config_to_yaml, metric_mode
-from imgcls.errors import ConfigError, DataError, user_errors_from_ray
+from imgcls.errors import ConfigError, DataError, JobFailedError, user_errors_from_ray
 from imgcls.platform import storage
 from imgcls.reporting.history import write_history
 from imgcls.training.feed import data_task_cpus
@@ -176,7 +176,7 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
         "skipped_images": len(skipped),
         "train_class_counts": train_split.class_counts,
     }
-    worker_plan = _worker_plan(config, class_names, train_split, val_split, resources.num_workers, initial_weights)
+    worker_plan = _worker_plan(config, class_names, train_split, val_split, resources, initial_weights)
     worker_plan.artifact_uri = output_dir.join("model").uri
     worker_plan.artifact_fields = _artifact_fields(config, class_names, data_summary)
     trainer = _trainer(config, worker_plan, resources, output_dir, callbacks)
@@ -184,12 +184,13 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     fit_started = time.time()
     logger.info(
         "training %s on %d images (%d steps of %d per worker and epoch), %d validation images", config.model.name,
-        train_split.num_rows, worker_plan.steps_per_epoch, config.train.batch_size, val_split.num_rows if val_split else 0,
+        train_split.num_rows, worker_plan.layout(resources.num_workers).steps_per_epoch, config.train.batch_size,
+        val_split.num_rows if val_split else 0,
     )  # fmt: skip
     # The endpoint failing under a worker writing the artifact, or under Ray Train's own checkpoint
     # reads and writes: the user's error, naming it.
     with storage.endpoint_failures_named(output_dir.join("checkpoints"), "keep checkpoints in"), user_errors_from_ray():
-        result = trainer.fit()
+        result = _fit(trainer, config, resources, output_dir)
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint; see the worker logs above")
     with result.checkpoint.as_directory() as checkpoint_dir:
@@ -237,38 +238,110 @@ def _report_phases(output_dir, phases: dict[str, float], state: dict, metrics: d
     )  # fmt: skip
 
 
-def _worker_plan(config: JobConfig, class_names: list[str], train_split, val_split, num_workers: int, initial_weights):
-    """What every worker gets: equal shards (every worker runs the same number of steps, as the
-    collective all-reduce requires; at most num_workers - 1 images per epoch are left out), the
-    class weights and the starting weights."""
+def _worker_plan(config: JobConfig, class_names: list[str], train_split, val_split, resources, initial_weights):
+    """What every worker gets: the shards of every group size Ray Train may start (see `_layout`),
+    the class weights and the starting weights."""
     import ray
 
     from imgcls.modeling.losses import class_weight_vector
     from imgcls.training.worker import WorkerPlan
 
-    rows_per_worker = train_split.num_rows // num_workers
-    if rows_per_worker == 0:
+    if train_split.num_rows // resources.num_workers == 0:
         raise DataError(
-            f"Only {train_split.num_rows} training images for scaling.num_workers={num_workers}: "
+            f"Only {train_split.num_rows} training images for scaling.num_workers={resources.num_workers}: "
             "each worker needs at least one image."
         )
-    val_shards = val_split.dataset.split(num_workers, equal=False) if val_split is not None and val_split.num_rows else None
     try:
         class_weights = class_weight_vector(config.train.class_weights, class_names, train_split.class_counts)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if config.train.early_stopping.enabled and config.train.early_stopping.monitor.startswith("val_") and not val_shards:
+    has_validation = val_split is not None and val_split.num_rows > 0
+    if config.train.early_stopping.enabled and config.train.early_stopping.monitor.startswith("val_") and not has_validation:
         raise ConfigError(
             f"train.early_stopping.monitor is '{config.train.early_stopping.monitor}' but there is no validation "
             "set: set data.val or data.val_fraction > 0, or monitor 'loss'."
         )
+    sizes = range(resources.fewest_workers, resources.num_workers + 1)
     return WorkerPlan(
-        config=config, class_names=class_names, steps_per_epoch=math.ceil(rows_per_worker / config.train.batch_size),
-        val_rows=math.ceil(val_split.num_rows / num_workers) if val_shards else 0,
-        rows_per_worker=rows_per_worker, train_shards=train_split.dataset.split(num_workers, equal=True),
-        val_shards=val_shards, class_weights=class_weights,
+        config=config, class_names=class_names,
+        layouts={size: _layout(config, train_split, val_split if has_validation else None, size, resources.num_workers)
+                 for size in sizes},
+        class_weights=class_weights,
         initial_weights=ray.put(initial_weights) if initial_weights is not None else None,
     )  # fmt: skip
+
+
+def _layout(config: JobConfig, train_split, val_split, num_workers: int, max_workers: int):
+    """Equal shards for `num_workers` workers (every worker runs the same number of steps, as the
+    collective all-reduce requires; at most num_workers - 1 images per epoch are left out), each
+    with the batch that keeps the global batch of `max_workers` workers: a smaller elastic group
+    trains with the same global batch and learning rate, and about the same steps per epoch."""
+    from imgcls.training.worker import ShardLayout
+
+    rows_per_worker = train_split.num_rows // num_workers
+    batch_size = per_worker_batch(config.train.batch_size, max_workers, num_workers)
+    return ShardLayout(
+        num_workers=num_workers, batch_size=batch_size, steps_per_epoch=math.ceil(rows_per_worker / batch_size),
+        rows_per_worker=rows_per_worker, train_shards=train_split.dataset.split(num_workers, equal=True),
+        val_shards=val_split.dataset.split(num_workers, equal=False) if val_split is not None else None,
+        val_rows=math.ceil(val_split.num_rows / num_workers) if val_split is not None else 0,
+    )  # fmt: skip
+
+
+def _fit(trainer, config: JobConfig, resources, output_dir: storage.Location):
+    """`trainer.fit()` with each start of the worker group bounded, failing with the cluster's
+    side of the story when the workers could not be scheduled within scaling.reschedule_timeout_s."""
+    from imgcls.training.scheduling import (
+        find_not_scheduled,
+        not_scheduled_message,
+        start_attempt_seconds,
+        worker_group_start_timeout,
+    )
+
+    from imgcls.platform.ray_runtime import live_node_ids
+
+    _report_missing_resources(config, resources)
+    if resources.elastic and config.train.max_failures == 0:
+        logger.info(
+            "scaling.min_workers is set but train.max_failures is 0: a lost worker still ends the run "
+            "(set train.max_failures to continue with fewer workers)"
+        )
+    known_nodes = live_node_ids()  # so that a node gone by the end is named
+    try:
+        with worker_group_start_timeout(start_attempt_seconds(config.scaling.reschedule_timeout_s, resources.elastic)):
+            return trainer.fit()
+    except Exception as error:
+        not_scheduled = find_not_scheduled(error)
+        if not_scheduled is None:
+            raise
+        checkpoints = output_dir.join("checkpoints").uri
+        raise JobFailedError(not_scheduled_message(not_scheduled, resources, checkpoints, known_nodes)) from None
+
+
+def _report_missing_resources(config: JobConfig, resources) -> None:
+    """Custom resources the cluster lacks now may still come (an autoscaler adds nodes, an operator
+    starts one): say what the job waits for, and for how long."""
+    import ray
+
+    total = ray.cluster_resources()
+    short = {
+        name: amount * resources.fewest_workers
+        for name, amount in resources.custom_resources.items()
+        if float(total.get(name, 0.0)) < amount * resources.fewest_workers - 1e-9
+    }
+    if short:
+        logger.info(
+            "the workers need %s; the cluster has %s now: waiting up to scaling.reschedule_timeout_s=%g s for them",
+            ", ".join(f"{amount:g} {name}" for name, amount in short.items()),
+            ", ".join(f"{float(total.get(name, 0.0)):g} {name}" for name in short), config.scaling.reschedule_timeout_s,
+        )  # fmt: skip
+
+
+def per_worker_batch(batch_size: int, max_workers: int, num_workers: int) -> int:
+    """The global batch is train.batch_size x scaling.num_workers whatever the group's size: each of
+    `num_workers` workers takes its share, rounded up (the global batch may grow by at most
+    num_workers - 1 images), so the learning rate and its schedule stay valid."""
+    return math.ceil(batch_size * max_workers / num_workers)
 
 
 def _trainer(config: JobConfig, worker_plan, resources, output_dir: storage.Location, callbacks: list | None):
@@ -277,25 +350,25 @@ def _trainer(config: JobConfig, worker_plan, resources, output_dir: storage.Loca
 
     from imgcls.platform.logs import verbose, worker_environment
     from imgcls.training.backend import MultiWorkerConfig
+    from imgcls.training.scheduling import ScheduleDeadline
     from imgcls.training.worker import train_loop_per_worker
 
-    resources_per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
-    if resources.gpus_per_worker:
-        resources_per_worker["GPU"] = resources.gpus_per_worker
-    monitor = config.train.checkpoint_monitor if worker_plan.val_shards else "loss"
+    monitor = config.train.checkpoint_monitor if worker_plan.layout(resources.num_workers).val_shards else "loss"
+    # Elastic: Ray Train starts as many workers as fit, between the two, and resizes as nodes come and go.
+    num_workers = (resources.fewest_workers, resources.num_workers) if resources.elastic else resources.num_workers
     return DataParallelTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": worker_plan},
         backend_config=MultiWorkerConfig(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=resources.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources_per_worker
+            num_workers=num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources.resources_per_worker()
         ),
         run_config=ray.train.RunConfig(
             name="train",
             storage_path=output_dir.join("checkpoints").path,
             storage_filesystem=None if output_dir.is_local else output_dir.filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), ScheduleDeadline(config.scaling.reschedule_timeout_s)],
             # Ray Train's own INFO lines (worker group start, each report) only when verbose.
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             worker_runtime_env={"env_vars": worker_environment()},

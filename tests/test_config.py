@@ -91,3 +91,21 @@ def test_storage_retry_settings_have_defaults_and_bounds():
         load_job_config(None, ["data.train=/a", "storage.max_attempts=0"])
     with pytest.raises(ConfigError, match="'storage.connect_timeout_s'"):
         load_job_config(None, ["data.train=/a", "storage.connect_timeout_s=-1"])
+
+
+def test_elastic_scaling_and_custom_resources_are_validated():
+    base = ["data.train=/data"]
+    elastic = load_job_config(None, [*base, "scaling.num_workers=4", "scaling.min_workers=2"])
+    assert elastic.scaling.elastic and elastic.scaling.reschedule_timeout_s == 600
+    assert not load_job_config(None, [*base, "scaling.num_workers=2", "scaling.min_workers=2"]).scaling.elastic
+    with pytest.raises(ConfigError, match=r"scaling.min_workers \(3\) must be at most scaling.num_workers \(2\)"):
+        load_job_config(None, [*base, "scaling.num_workers=2", "scaling.min_workers=3"])
+    pinned = load_job_config(None, [*base, "scaling.resources_per_worker={trainer_slot: 1}"])
+    assert pinned.scaling.resources_per_worker == {"trainer_slot": 1.0}
+    for owned in ("CPU", "gpu"):
+        with pytest.raises(ConfigError, match="set by scaling.cpus_per_worker and scaling.use_gpu"):
+            load_job_config(None, [*base, f"scaling.resources_per_worker={{{owned}: 1}}"])
+    with pytest.raises(ConfigError, match="must be a finite number > 0"):
+        load_job_config(None, [*base, "scaling.resources_per_worker={trainer_slot: 0}"])
+    with pytest.raises(ConfigError, match="reschedule_timeout_s"):
+        load_job_config(None, [*base, "scaling.reschedule_timeout_s=0"])

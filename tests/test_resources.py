@@ -87,3 +87,14 @@ def test_pool_bounds_are_checked_in_the_config():
 
     with pytest.raises(ValueError, match="max_actors \\(1\\) must be at least num_actors \\(2\\)"):
         PredictConfig(model="m", input="i", output="o", num_actors=2, max_actors=1)
+
+
+def test_an_elastic_plan_fits_its_minimum_and_carries_the_custom_resources():
+    scaling = ScalingConfig(num_workers=4, min_workers=1, cpus_per_worker=1, resources_per_worker={"trainer_slot": 1})
+    plan = plan_training(scaling, cluster_cpus=2, cluster_gpus=0)  # 4 workers would not fit; 1 does
+    assert plan.elastic and plan.fewest_workers == 1
+    assert plan.resources_per_worker() == {"CPU": 1.0, "trainer_slot": 1.0}
+    assert "1 to 4 worker(s) x 1 CPU, 1 trainer_slot" in plan.describe()
+    with pytest.raises(ResourcePlanError, match="scaling.min_workers=2"):
+        plan_training(ScalingConfig(num_workers=4, min_workers=2, cpus_per_worker=1), cluster_cpus=2, cluster_gpus=0)
+    assert plan_training(ScalingConfig(num_workers=2, min_workers=1, use_gpu=True), 4, cluster_gpus=1).gpus_per_worker == 1

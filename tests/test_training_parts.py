@@ -173,3 +173,37 @@ def test_the_epoch_seed_is_one_formula_for_block_order_and_shuffles():
 
     assert epoch_seed(3, 2, 1) == 3021
     assert len({epoch_seed(0, epoch, rank) for epoch in range(10) for rank in range(8)}) == 80
+
+
+def test_fewer_workers_keep_the_global_batch():
+    from imgcls.train import per_worker_batch
+
+    assert [per_worker_batch(16, 2, workers) for workers in (2, 1)] == [16, 32]
+    assert per_worker_batch(16, 4, 3) * 3 in range(64, 64 + 3)  # rounded up by at most workers - 1
+
+
+def test_the_schedule_deadline_fails_a_run_that_waits_too_long_and_only_then():
+    """Ray Train's own controller states, driven by hand: waiting (restarting, an unchanged elastic
+    no-op decision, scheduling) counts toward the bound; a running group resets it."""
+    import time
+
+    from ray.train.v2._internal.execution.controller.state import RestartingState, RunningState, SchedulingState
+
+    from imgcls.training.scheduling import ScheduleDeadline, WorkersNotScheduled, find_not_scheduled
+
+    deadline = ScheduleDeadline(timeout_s=1.5)  # far above a pause of this busy machine
+    restarting = RestartingState(training_failed_error=None)
+    deadline.after_controller_state_update(RunningState(), restarting)
+    deadline.after_controller_state_update(restarting, restarting)  # a no-op decision: paced, still waiting
+    running = RunningState()
+    deadline.after_controller_state_update(SchedulingState(scaling_decision=None), running)
+    time.sleep(1.7)
+    deadline.after_controller_state_update(running, running)  # running for any time is no wait
+    deadline.after_controller_state_update(running, restarting)
+    time.sleep(1.7)
+    with pytest.raises(WorkersNotScheduled) as raised:
+        deadline.after_controller_state_update(restarting, SchedulingState(scaling_decision=None))
+    from ray.train.v2.api.exceptions import ControllerError
+
+    assert find_not_scheduled(ControllerError(raised.value)) is raised.value
+    assert find_not_scheduled(ControllerError(RuntimeError("other"))) is None

@@ -252,7 +252,8 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(
         default=32,
         gt=0,
-        description="Images per step on each worker; the global batch is batch_size x scaling.num_workers.",
+        description="Images per step on each worker; the global batch is batch_size x scaling.num_workers. "
+        "With fewer workers (elastic, scaling.min_workers) each one's batch grows to keep that global batch.",
     )
     learning_rate: float = Field(default=0.001, gt=0, description="Optimizer step size. Adam's usual 1e-3.")
     optimizer: Literal["adam", "adamw", "sgd"] = Field(
@@ -330,6 +331,54 @@ class ScalingConfig(StrictModel):
         description="CPUs kept free for Ray Data (reading, decoding). Training workers that take every CPU "
         "starve the data pipeline and hang, so at least a quarter CPU is always kept.",
     )
+    min_workers: int | None = Field(
+        default=None,
+        gt=0,
+        description="Elastic training. Unset: exactly num_workers workers, and a lost worker must be "
+        "rescheduled. Set: training continues with any number of workers between min_workers and "
+        "num_workers, as the cluster allows; the global batch (train.batch_size x num_workers) and the "
+        "learning rate stay the same, so each remaining worker takes a larger share of every step.",
+    )
+    reschedule_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds the job waits for its workers to be scheduled, at the start and after a failure "
+        "(a lost node), before it fails with exit 1 and a message naming the missing resources. Its "
+        "checkpoints stay in output_dir; rerunning the same command resumes from the latest.",
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each worker also needs, {name: amount}, e.g. {trainer_slot: 1} "
+        "to keep workers on nodes started with `ray start --resources '{\"trainer_slot\": 1}'`. CPU and GPU "
+        "are set by cpus_per_worker and use_gpu.",
+    )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, amount in value.items():
+            if not name.strip():
+                raise ValueError("a resource name must not be empty")
+            if name.upper() in ("CPU", "GPU"):
+                raise ValueError(
+                    f"{shorten(name)} is set by scaling.cpus_per_worker and scaling.use_gpu, not here: "
+                    "resources_per_worker holds custom resources only"
+                )
+            if not math.isfinite(amount) or amount <= 0:
+                raise ValueError(f"the amount of {shorten(name)} must be a finite number > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _min_workers_fit(self) -> "ScalingConfig":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(
+                f"scaling.min_workers ({self.min_workers}) must be at most scaling.num_workers ({self.num_workers})"
+            )
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
 
 
 class JobConfig(StrictModel):

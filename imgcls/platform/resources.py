@@ -18,37 +18,59 @@ MIN_DATA_CPUS = 0.25
 
 
 class TrainingPlan(BaseModel):
-    num_workers: int
+    num_workers: int  # the most workers; the fixed size unless elastic
     cpus_per_worker: float
     gpus_per_worker: float
     data_cpus: float
     cluster_cpus: float
+    min_workers: int | None = None  # set: elastic between min_workers and num_workers
+    custom_resources: dict[str, float] = {}  # per worker, beside CPU and GPU
+
+    @property
+    def fewest_workers(self) -> int:
+        return self.min_workers if self.min_workers is not None else self.num_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.fewest_workers < self.num_workers
+
+    def resources_per_worker(self) -> dict[str, float]:
+        """What Ray reserves for each training worker."""
+        resources = {"CPU": self.cpus_per_worker, **self.custom_resources}
+        if self.gpus_per_worker:
+            resources["GPU"] = self.gpus_per_worker
+        return resources
 
     def describe(self) -> str:
         gpu = f", {self.gpus_per_worker:g} GPU" if self.gpus_per_worker else ""
+        custom = "".join(f", {amount:g} {name}" for name, amount in self.custom_resources.items())
+        workers = f"{self.fewest_workers} to {self.num_workers}" if self.elastic else f"{self.num_workers}"
         return (
-            f"{self.num_workers} worker(s) x {self.cpus_per_worker:g} CPU{gpu}, "
+            f"{workers} worker(s) x {self.cpus_per_worker:g} CPU{gpu}{custom}, "
             f"{self.data_cpus:g} CPU left for Ray Data, of {self.cluster_cpus:g} free CPUs in the cluster"
         )
 
 
 def plan_training(scaling: ScalingConfig, cluster_cpus: float, cluster_gpus: float) -> TrainingPlan:
+    """CPUs and GPUs per worker for `scaling.num_workers` workers; an elastic plan must fit at least
+    `scaling.min_workers` of them (more join when the cluster has room)."""
     workers = scaling.num_workers
+    fewest = scaling.min_workers or workers
     fix = (
         "Lower scaling.num_workers or scaling.data_cpus, or give Ray more CPUs "
         "(`ray start --num-cpus N`, or a bigger cluster)."
     )
-    if scaling.use_gpu and cluster_gpus < workers:
+    if scaling.use_gpu and cluster_gpus < fewest:
         raise ResourcePlanError(
             f"scaling.use_gpu is on with scaling.num_workers={workers}, but the Ray cluster has "
             f"{cluster_gpus:g} GPU(s). Lower scaling.num_workers to {int(cluster_gpus)} or set scaling.use_gpu=false."
         )
     available = cluster_cpus - scaling.data_cpus
     if scaling.cpus_per_worker is not None:
-        needed = workers * scaling.cpus_per_worker + scaling.data_cpus
+        needed = fewest * scaling.cpus_per_worker + scaling.data_cpus
         if needed > cluster_cpus + 1e-9:
             raise ResourcePlanError(
-                f"The training plan needs {needed:g} CPUs (scaling.num_workers={workers} x "
+                f"The training plan needs {needed:g} CPUs ({_fewest_key(scaling)}={fewest} x "
                 f"scaling.cpus_per_worker={scaling.cpus_per_worker:g} + scaling.data_cpus={scaling.data_cpus:g} "
                 f"for Ray Data) but the Ray cluster has {cluster_cpus:g}. {fix}"
             )
@@ -67,7 +89,13 @@ def plan_training(scaling: ScalingConfig, cluster_cpus: float, cluster_gpus: flo
         gpus_per_worker=1.0 if scaling.use_gpu else 0.0,
         data_cpus=scaling.data_cpus,
         cluster_cpus=cluster_cpus,
+        min_workers=scaling.min_workers,
+        custom_resources=dict(scaling.resources_per_worker),
     )
+
+
+def _fewest_key(scaling: ScalingConfig) -> str:
+    return "scaling.min_workers" if scaling.min_workers is not None else "scaling.num_workers"
 
 
 class PredictionPlan(BaseModel):

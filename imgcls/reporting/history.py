@@ -18,7 +18,7 @@ def write_history(output_dir: storage.Location, history: list[dict[str, Any]], t
     from imgcls.reporting.plots import training_curves
 
     columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second",
-               "epoch_seconds"]  # fmt: skip
+               "epoch_seconds", "workers"]  # fmt: skip
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

@@ -104,10 +104,11 @@ class EpochFeed:
     """One worker's training batches for each epoch: from the shard cache once it is filled, else
     from its Ray Data shard (filling the cache on the way when the shard is small and unaugmented)."""
 
-    def __init__(self, shard, config: JobConfig, rows_per_worker: int, rank: int):
+    def __init__(self, shard, config: JobConfig, rows_per_worker: int, rank: int, batch_size: int | None = None):
         self.shard, self.config, self.rank = shard, config, rank
         self.rows_per_worker = rows_per_worker
-        self.batch_size = config.train.batch_size
+        # A smaller elastic group gives each worker a larger batch (the global batch stays).
+        self.batch_size = batch_size or config.train.batch_size
         self.shuffle_buffer = max(self.batch_size, min(2048, rows_per_worker))
         shard_bytes = rows_per_worker * int(np.prod(config.data.image_size)) * config.data.channels
         small = not config.augment.is_active and shard_bytes <= SHARD_CACHE_MAX_BYTES

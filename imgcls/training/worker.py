@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,11 +15,31 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from imgcls.config import JobConfig
+from imgcls.errors import clip
 from imgcls.training.feed import EpochFeed, EvaluationFeed
 from imgcls.training.finetune import PhasePlan
 from imgcls.training.state import TrainState
 
 logger = logging.getLogger(__name__)
+
+
+class ShardLayout(BaseModel):
+    """The data of one worker-group size: a shard per worker (equal rows, as the collective steps
+    require), and the per-worker batch that keeps the global batch of the full group."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    num_workers: int
+    batch_size: int  # per worker
+    steps_per_epoch: int
+    rows_per_worker: int
+    train_shards: list[Any]  # one Ray Data shard per worker, equal sizes
+    val_shards: list[Any] | None = None
+    val_rows: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_workers
 
 
 class WorkerPlan(BaseModel):
@@ -27,15 +49,22 @@ class WorkerPlan(BaseModel):
 
     config: JobConfig
     class_names: list[str]
-    steps_per_epoch: int
-    rows_per_worker: int
-    train_shards: list[Any]  # one Ray Data shard per worker, equal sizes
-    val_shards: list[Any] | None = None
+    # One layout per group size Ray Train may start: just num_workers, or min_workers..num_workers
+    # when elastic. Each splits the same images, so every image is seen once per epoch at any size.
+    layouts: dict[int, ShardLayout]
     class_weights: list[float] | None = None
     initial_weights: Any | None = None  # a Ray object reference to the starting weights, or None
-    val_rows: int = 0
     artifact_uri: str | None = None  # where rank 0 writes the model artifact when training ends
     artifact_fields: dict[str, Any] = {}  # its metadata, less the final metrics
+
+    @property
+    def max_workers(self) -> int:
+        return max(self.layouts)
+
+    def layout(self, num_workers: int) -> ShardLayout:
+        if num_workers not in self.layouts:
+            raise RuntimeError(f"Ray Train started {num_workers} workers; the plan has shards for {sorted(self.layouts)}")
+        return self.layouts[num_workers]
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -55,22 +84,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Progress bars of this worker's shard iteration would interleave with the epoch lines.
     data_context.enable_progress_bars = verbose()
     data_context.execution_options.preserve_order = plan.config.train.deterministic
+    context = ray.train.get_context()
+    layout = plan.layout(context.get_world_size())
     with native_chatter_filtered():  # TensorFlow's start-up, up to its first device probe
         import tensorflow as tf
 
         # The strategy must exist before TensorFlow runs any op in this process.
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        worker = Worker.build(plan, strategy, ray.train.get_context().get_world_rank())
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        worker.restore(checkpoint)
-    for epoch in range(worker.state.epoch, plan.config.train.epochs):
-        if worker.state.finished:
-            break
-        metrics = worker.run_epoch(epoch)
-        worker.save_and_report(metrics)
+        worker = Worker.build(plan, layout, strategy, context.get_world_rank())
+    with tensorflow_errors_as_text():
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            worker.restore(checkpoint)
+        if worker.rank == 0:
+            worker.log_group_size()
+        for epoch in range(worker.state.epoch, plan.config.train.epochs):
+            if worker.state.finished:
+                break
+            metrics = worker.run_epoch(epoch)
+            worker.save_and_report(metrics)
     if worker.resumed_finished and worker.rank == 0:
         logger.info("training had already finished; nothing left to do")
+
+
+@contextmanager
+def tensorflow_errors_as_text() -> Iterator[None]:
+    """A TensorFlow error (a peer lost in the middle of a collective step) leaves the worker as a
+    RuntimeError with its message: Ray Train's controller unpickles every worker error, and a
+    TensorFlow one would make it import TensorFlow (seconds, and its start-up chatter) before it
+    could restart the group."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.OpError as error:
+        # The message's own traceback of graph nodes ("Detected at node ... File ...") says little.
+        lines = [line.strip() for line in str(error.message).splitlines()]
+        text = " ".join(line for line in lines if line and not line.startswith(("File ", "Detected at node")))
+        raise RuntimeError(f"TensorFlow {type(error).__name__}: {clip(text, 1000)}") from None
 
 
 @dataclass
@@ -78,6 +129,7 @@ class Worker:
     """One replica's model, optimizer, steps, data feed and state, and the epoch that uses them."""
 
     plan: WorkerPlan
+    layout: ShardLayout
     rank: int
     model: Any
     optimizer: Any
@@ -95,7 +147,7 @@ class Worker:
     last_checkpoint_seconds: float | None = None
 
     @classmethod
-    def build(cls, plan: WorkerPlan, strategy, rank: int) -> "Worker":
+    def build(cls, plan: WorkerPlan, layout: ShardLayout, strategy, rank: int) -> "Worker":
         import keras
         import ray
 
@@ -125,10 +177,11 @@ class Worker:
             model.set_weights(ray.get(plan.initial_weights))
         loss_function = create_loss(num_classes, config.train.label_smoothing, plan.class_weights)
         return cls(
-            plan=plan, rank=rank, model=model, optimizer=optimizer,
+            plan=plan, layout=layout, rank=rank, model=model, optimizer=optimizer,
             steps=build_steps(strategy, model, optimizer, loss_function, num_classes, mixed_precision),
-            phases=phases, feed=EpochFeed(plan.train_shards[rank], config, plan.rows_per_worker, rank),
-            validation=EvaluationFeed(plan.val_shards[rank], config, plan.val_rows) if plan.val_shards else None,
+            phases=phases,
+            feed=EpochFeed(layout.train_shards[rank], config, layout.rows_per_worker, rank, layout.batch_size),
+            validation=EvaluationFeed(layout.val_shards[rank], config, layout.val_rows) if layout.val_shards else None,
             state=TrainState(config), mixed_precision=mixed_precision, started=time.perf_counter(),
             last_checkpoint_at=time.perf_counter(),
         )  # fmt: skip
@@ -144,6 +197,19 @@ class Worker:
         self.resumed_finished = self.state.finished
         self.first_epoch = self.state.epoch
 
+    def log_group_size(self) -> None:
+        """One line when this group is smaller than planned, or differs from the group that
+        trained the last epoch: the global batch and learning rate it trains with."""
+        earlier = self.state.history[-1].get("workers") if self.state.history else None
+        size, planned = self.layout.num_workers, self.plan.max_workers
+        if self.state.finished or (earlier or planned) == size:
+            return
+        verb = "continuing" if earlier else "starting"
+        logger.info(
+            "%s with %d of %d workers: global batch %d (%d per worker), learning rate %g as planned",
+            verb, size, planned, self.layout.global_batch, self.layout.batch_size, self.plan.config.train.learning_rate,
+        )  # fmt: skip
+
     def set_learning_rate(self, value: float) -> None:
         if value != self.learning_rate:
             target = self.optimizer.inner_optimizer if self.mixed_precision else self.optimizer
@@ -154,7 +220,7 @@ class Worker:
         """Train one epoch, validate, update the state; returns the epoch's metrics."""
         from imgcls.training.schedules import learning_rate_at
 
-        config, steps_per_epoch = self.plan.config, self.plan.steps_per_epoch
+        config, steps_per_epoch = self.plan.config, self.layout.steps_per_epoch
         if self.phases.enter(self.model, epoch, log=self.rank == 0):
             self.steps.retrace_train_step()
         epoch_started = time.perf_counter()
@@ -183,6 +249,7 @@ class Worker:
             "learning_rate": float(self.learning_rate),
             "images_per_second": float(train_count / train_seconds),
             "train_images": int(train_count),
+            "workers": self.layout.num_workers,
         }
         metrics.update(self.validate())
         metrics["epoch_seconds"] = time.perf_counter() - epoch_started
