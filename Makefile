@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data demo test test-fast bench clean
+.PHONY: venv data demo test test-fast test-long bench clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,11 @@ demo: data
 		--labelled examples/data/digits/test
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -m "not long"
+
+# The scenarios too long for the suite's 20 minutes (see README, Development).
+test-long: $(STAMP)
+	$(BIN)/python -m pytest tests -m long
 
 # The tests that need no Ray, S3 endpoint or cluster: a minute or two while you work.
 test-fast: $(STAMP)

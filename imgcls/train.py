@@ -291,14 +291,13 @@ def _layout(config: JobConfig, train_split, val_split, num_workers: int, max_wor
 def _fit(trainer, config: JobConfig, resources, output_dir: storage.Location):
     """`trainer.fit()` with each start of the worker group bounded, failing with the cluster's
     side of the story when the workers could not be scheduled within scaling.reschedule_timeout_s."""
+    from imgcls.platform.ray_runtime import live_node_ids
     from imgcls.training.scheduling import (
         find_not_scheduled,
         not_scheduled_message,
         start_attempt_seconds,
         worker_group_start_timeout,
     )
-
-    from imgcls.platform.ray_runtime import live_node_ids
 
     _report_missing_resources(config, resources)
     if resources.elastic and config.train.max_failures == 0:

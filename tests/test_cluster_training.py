@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import boto3
-import psutil
 import pytest
 from conftest import REPO_ROOT, TEST_BUCKET
 from image_factory import write_pattern_dataset
@@ -229,6 +228,7 @@ def test_lost_node_is_replaced_and_training_resumes_on_it(cluster, nodes, jobs, 
     print(f"kill to resume on the replacement node: {resumed_after:.1f} s")
 
 
+@pytest.mark.long  # minutes: `make test-long`
 def test_elastic_run_continues_with_one_worker(cluster, nodes, jobs, s3_endpoint, slow_dataset, tmp_path):
     bucket = Bucket(s3_endpoint, "cluster-training/elastic")
     job, killed = start_and_kill_after_checkpoint(
@@ -241,6 +241,7 @@ def test_elastic_run_continues_with_one_worker(cluster, nodes, jobs, s3_endpoint
     print(f"kill to continuing with one worker: {continued_after:.1f} s")
 
 
+@pytest.mark.long  # minutes: `make test-long`
 def test_fixed_size_run_fails_within_the_reschedule_bound(cluster, nodes, jobs, s3_endpoint, slow_dataset, tmp_path):
     bound = 20
     bucket = Bucket(s3_endpoint, "cluster-training/bounded")

@@ -28,7 +28,10 @@ FIXED_START_ATTEMPT_S = 60.0
 ELASTIC_START_ATTEMPT_S = 30.0
 # Controller states in which no worker group is running and one is being decided or started.
 WAITING_STATES = {"INITIALIZING", "SCHEDULING", "RESCHEDULING", "RESTARTING", "RESIZING"}
-# Ray's elastic policy re-decides in a loop without pause while too few workers fit: pace it.
+# The loggers of Ray Train's controller that report a callback's error and a failed start attempt.
+CONTROLLER_LOGGERS = ("ray.train.v2._internal.execution.callback_manager", "ray.train.v2._internal.execution.controller.controller")
+# Ray's elastic policy re-decides in a loop without pause while too few workers fit (a core busy in
+# the controller, measured here): pace it.
 UNCHANGED_DECISION_PAUSE_S = 0.5
 
 
@@ -72,7 +75,7 @@ class ScheduleDeadline(ControllerCallback):
         self.waiting_since: float | None = None
 
     def after_controller_start(self, train_run_context) -> None:
-        for name in ("ray.train.v2._internal.execution.callback_manager", "ray.train.v2._internal.execution.controller.controller"):
+        for name in CONTROLLER_LOGGERS:
             logging.getLogger(name).addFilter(_WaitingTracebacks())
         self.waiting_since = time.monotonic()
 
@@ -131,7 +134,9 @@ def not_scheduled_message(error: WorkersNotScheduled, plan, checkpoints_uri: str
 
     needed = _bundle(plan.resources_per_worker())
     if plan.elastic:
-        wanted = f"at least scaling.min_workers={plan.fewest_workers} of the {plan.num_workers} training workers ({needed} each)"
+        wanted = (
+            f"at least scaling.min_workers={plan.fewest_workers} of the {plan.num_workers} training workers ({needed} each)"
+        )
     else:
         wanted = f"the {plan.num_workers} training workers ({plan.num_workers} x {needed})"
     try:
