@@ -193,6 +193,24 @@ def test_whole_file_reads_ride_out_throttling_even_for_tiny_objects(s3_upstream,
 
 
 def test_bulk_prediction_through_faults_gives_the_rows_of_a_fault_free_run(s3_upstream, bucket_inputs, proxy, record_property):
+    bulk_prediction_through_faults(s3_upstream, bucket_inputs, proxy, record_property)
+
+
+def test_bulk_prediction_through_faults_in_front_of_ceph(ceph_rgw_endpoint, pattern_dataset, tiny_artifact, record_property):
+    """The same run with a real S3 server behind the proxy: Ceph's RADOS Gateway checks every
+    request's signature, so this also proves the proxy forwards requests unchanged."""
+    inputs = {
+        "images": upload(ceph_rgw_endpoint, pattern_dataset, f"{PREFIX}/images"),
+        "model": upload(ceph_rgw_endpoint, Path(tiny_artifact), f"{PREFIX}/model"),
+    }
+    try:
+        with FaultProxy(ceph_rgw_endpoint) as running:
+            bulk_prediction_through_faults(ceph_rgw_endpoint, inputs, running, record_property)
+    finally:
+        storage.configure(StorageConfig())
+
+
+def bulk_prediction_through_faults(s3_upstream: str, bucket_inputs: dict[str, str], proxy: FaultProxy, record_property) -> None:
     def run(endpoint: str, name: str):
         return predict.run(PredictConfig(
             model=bucket_inputs["model"], input=bucket_inputs["images"], output=f"s3://{TEST_BUCKET}/{PREFIX}/{name}",
