@@ -222,15 +222,17 @@ def bulk_prediction_through_faults(s3_upstream: str, bucket_inputs: dict[str, st
     faulty = run(proxy.url, "predict-faulty")
     record_property("requests", proxy.requests)
     record_property("faults", dict(proxy.faults))
+    record_property("requests_besides_image_reads", len(proxy.records()) - len(proxy.records("GET", rf"/{PREFIX}/images/")))
     assert clean.images_listed == faulty.images_listed == 96
     assert faulty.classified == 96 and faulty.errored == 0
     expected = prediction_rows(visible_rows(s3_upstream, f"{PREFIX}/predict-clean"))
     assert prediction_rows(visible_rows(s3_upstream, f"{PREFIX}/predict-faulty")) == expected
     assert len(expected) == 96
-    # Faults of every kind really happened, on the image reads and on the output's writes.
+    # Faults of every kind really happened, on the image reads and on the rest (the model, listing,
+    # lease, records, Parquet files, commit: some 55 requests, so one of them is all but certain).
     assert all(proxy.faults[kind] > 0 for kind in FAULT_KINDS), proxy.faults
     assert any(record.fault for record in proxy.records("GET", rf"/{PREFIX}/images/"))
-    assert any(record.fault for record in proxy.records("PUT"))
+    assert any(record.fault for record in proxy.records() if f"/{PREFIX}/images/" not in record.target)
     assert [record["status"] for record in run_records(s3_upstream, f"{PREFIX}/predict-faulty")] == ["succeeded"]
     assert not [key for key in keys_under(s3_upstream, f"{PREFIX}/predict-faulty/") if "_staging" in key or key.endswith("_lock")]
 
