@@ -47,7 +47,7 @@ def _count_rows(files: list[str], endpoint_url: str | None) -> tuple[int, int]:
     rows = errored = 0
     for uri in files:
         location = storage.resolve(uri, endpoint_url)
-        with location.filesystem.open_input_file(location.path) as handle:
+        with storage.user_facing_errors(location, "read back"), location.filesystem.open_input_file(location.path) as handle:
             table = pq.read_table(handle, columns=["error"])
         rows += table.num_rows
         errored += table.num_rows - table.column("error").null_count

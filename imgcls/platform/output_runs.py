@@ -259,10 +259,11 @@ def done_paths(output: storage.Location, model_version: str, contents: OutputCon
     files = (contents or survey(output)).parquet_files()
     if not files:
         return set()
-    dataset = pads.dataset(files, filesystem=output.filesystem, format="parquet")
-    table = dataset.to_table(
-        columns=["path"], filter=(pc.field("model_version") == model_version) & pc.field("error").is_null()
-    )
+    with storage.user_facing_errors(output, "read the committed rows of"):
+        dataset = pads.dataset(files, filesystem=output.filesystem, format="parquet")
+        table = dataset.to_table(
+            columns=["path"], filter=(pc.field("model_version") == model_version) & pc.field("error").is_null()
+        )
     return set(table.column("path").to_pylist())
 
 
@@ -324,23 +325,27 @@ def write_staged_files(
     files = rows_in_file = total = 0
     pending: list[pa.Table] = []
 
+    # The storage's own failures only: an error of the stream of tables passes as it is.
     def open_file() -> None:
         nonlocal writer, stream, files
-        stream = staging.filesystem.open_output_stream(staging.join(f"part-{files:05d}.parquet").path)
-        writer = pq.ParquetWriter(stream, schema)
+        with storage.user_facing_errors(staging, "write the run's rows to"):
+            stream = staging.filesystem.open_output_stream(staging.join(f"part-{files:05d}.parquet").path)
+            writer = pq.ParquetWriter(stream, schema)
         files += 1
 
     def flush() -> None:
         if pending:
-            writer.write_table(pa.concat_tables(pending))
+            with storage.user_facing_errors(staging, "write the run's rows to"):
+                writer.write_table(pa.concat_tables(pending))
             pending.clear()
 
     def close() -> None:
         nonlocal writer, stream
         if writer is not None:
             flush()
-            writer.close()
-            stream.close()
+            with storage.user_facing_errors(staging, "write the run's rows to"):
+                writer.close()
+                stream.close()
         writer = stream = None
 
     try:
