@@ -55,6 +55,7 @@ def test_search_space_keys_and_values_are_checked_before_any_trial(tmp_path):
     )  # fmt: skip
 
 
+@pytest.mark.long  # two minutes: `make test-long`
 def test_four_trials_with_asha_on_two_cpus_and_the_best_config_trains(ray_session, pattern_dataset, tmp_path, capsys):
     from imgcls import tune
     from imgcls.cli import main
