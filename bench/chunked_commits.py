@@ -65,8 +65,12 @@ def one_run(folder: Path, artifact: str, output: str, chunk: int) -> tuple[float
     seconds = time.perf_counter() - started
     if finished.returncode != 0:
         raise RuntimeError(finished.stderr[-3000:])
-    chunks = (finished.stdout + finished.stderr).count("committed chunk") + 1
-    return seconds, chunks
+    from imgcls.platform import output_runs, storage
+
+    location = storage.resolve(output)
+    (record_file,) = [path for path in storage.iter_files(location.join(output_runs.RUNS))]
+    record = json.loads(storage.read_bytes(location.join(output_runs.RUNS, record_file)))
+    return seconds, len(record["chunks"])
 
 
 def main() -> None:
