@@ -132,6 +132,13 @@ ModelName = Literal["seed_cnn", "cnn", "MobileNetV3Small", "MobileNetV3Large", "
 
 
 class ModelConfig(StrictModel):
+    task: Literal["auto", "multiclass", "multilabel"] = Field(
+        default="auto",
+        description="auto: decided by the data (a manifest with a `labels` column is multi-label, anything else "
+        "single-label); multiclass: one class per image (softmax; one sigmoid for two classes); multilabel: any "
+        "number of classes per image, including none (a sigmoid per class, binary cross-entropy, per-class "
+        "thresholds). Stored in the artifact.",
+    )
     name: ModelName = Field(
         default="seed_cnn",
         description="Architecture. `seed_cnn` is the tutorial network, fixed: Conv2D(32, 3x3) -> MaxPool -> "
