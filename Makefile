@@ -29,8 +29,10 @@ demo: data
 	$(BIN)/python examples/score_predictions.py --predictions runs/digits/predictions \
 		--labelled examples/data/digits/test
 
+# Two test processes: the tests of the shared Ray and S3 endpoints run in order in one, every other
+# module whole in either (most of the suite waits on processes and clusters, not on the CPU).
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not long"
+	$(BIN)/python -m pytest tests -m "not long" -n 2 --dist loadgroup
 
 # The scenarios too long for the suite's 20 minutes (see README, Development).
 test-long: $(STAMP)

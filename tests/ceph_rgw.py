@@ -35,6 +35,7 @@ STOP_TIMEOUT_S = 10
 # Objects live in the OSD's memory: enough for the suite's images, models and checkpoints.
 MEMSTORE_BYTES = 1 << 30
 LOG_TAIL_CHARS = 3000
+INSTALL_LOCK = "/tmp/imgcls-ceph-install.lock"
 
 
 class CephStartError(RuntimeError):
@@ -46,7 +47,18 @@ def missing_binaries() -> list[str]:
 
 
 def ensure_binaries(timeout_s: float = INSTALL_TIMEOUT_S) -> str | None:
-    """None when the Ceph binaries are there (installed now if need be), else why they are not."""
+    """None when the Ceph binaries are there (installed now if need be), else why they are not.
+    Parallel test processes (pytest -n) install one at a time: the others wait, then find them."""
+    import fcntl
+
+    if not missing_binaries():
+        return None
+    with open(INSTALL_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _install_binaries(timeout_s)
+
+
+def _install_binaries(timeout_s: float) -> str | None:
     if not missing_binaries():
         return None
     if os.geteuid() != 0:

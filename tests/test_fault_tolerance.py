@@ -77,6 +77,13 @@ def history_epochs(output_dir: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # exited meanwhile
+        return []
+
+
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, slow_dataset, tmp_path):
     config = load_job_config(
         None,
@@ -88,14 +95,14 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, slow_datas
     runner.start()
     wait_for_checkpoint(tmp_path, 2)
     wait_for_snapshot(tmp_path)  # uploaded in the background: recorded by Ray Train only a moment later
+    # This session's Ray was started by this process: its workers are our descendants (another
+    # Ray on the machine, a parallel test process's, has workers of its own).
     workers = [
-        process
-        for process in psutil.process_iter(["pid", "cmdline"])
-        if "RayTrainWorker" in " ".join(process.info["cmdline"] or [])
+        process for process in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(_cmdline(process))
     ]
     assert len(workers) == 1
     assert checkpoint_epochs(tmp_path) == [2]  # epoch 3 is under way; no checkpoint after epoch 1 or 3
-    os.kill(workers[0].info["pid"], signal.SIGKILL)
+    os.kill(workers[0].pid, signal.SIGKILL)
     runner.join(timeout=600)
     assert "result" in outcome, "training did not finish after the worker was killed"
     assert history_epochs(tmp_path) == [1, 2, 3, 4]

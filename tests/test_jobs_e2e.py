@@ -99,7 +99,9 @@ def head_node(tmp_path_factory):
             "token_path": token_path,
         }
     finally:
-        stopped = subprocess.run([str(STOP)], env=environment, capture_output=True, text=True, timeout=120)
+        # An exported COLUMNS (some CI runners, pytest-xdist workers) must not cut ps output short.
+        stopped = subprocess.run([str(STOP)], env={**environment, "COLUMNS": "80"}, capture_output=True, text=True,
+                                 timeout=120)  # fmt: skip
         leftovers = cluster_processes(temp_dir, gcs_port)
         kill_leftovers(leftovers)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -3,7 +3,8 @@
 #
 # Usage: cluster/local/stop.sh        (IMGCLS_RAY_PORT: the GCS port given to start.sh, default 6379)
 #
-# The cluster is found by its GCS port: the GCS process names the session folder, and every process
+# The cluster is found by its GCS port: the GCS process names the session folder (read with `ps -ww`:
+# an exported COLUMNS would otherwise cut the command line short), and every process
 # of that cluster names the session folder or the GCS address; those processes and their children
 # (workers, job drivers) get SIGTERM in `ray stop`'s order (raylet, the rest, GCS), SIGKILL after 10 s.
 # Other Ray instances on the machine (a job's private `ray.init()`, a test suite's Ray) keep running;
@@ -18,7 +19,7 @@ if [ -z "$gcs_pid" ]; then
     echo "No Ray with GCS port ${gcs_port} is running here."
     exit 0
 fi
-session_dir="$(ps -o args= -p "$gcs_pid" | sed -n 's/.*--session-dir=\([^ ]*\).*/\1/p')"
+session_dir="$(ps -ww -o args= -p "$gcs_pid" | sed -n 's/.*--session-dir=\([^ ]*\).*/\1/p')"
 [ -n "$session_dir" ] || { echo "Cannot find the session folder of GCS process ${gcs_pid}." >&2; exit 1; }
 
 descendants() {
