@@ -21,8 +21,8 @@ def resolve_thresholds(
         if thresholds is not None:
             raise ConfigError(
                 f"thresholds apply to multi-label models only, and model {metadata.model_version} is {metadata.task} "
-                "(one label per image, the most probable class). Drop --set thresholds; --min-score marks rows "
-                "whose top score is lower `unknown`."
+                "(one label per image, the most probable class), so there is nothing to threshold: drop "
+                "--set thresholds."
             )
         return None
     resolved = [float(min_score)] * len(names) if min_score is not None else metadata.decision_thresholds()
