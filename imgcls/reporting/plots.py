@@ -107,7 +107,7 @@ def precision_recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray] | No
         if curve is None:
             continue
         precision, recall = curve
-        (line,) = axis.step(recall, precision, where="post", label=f"{name} (AP {average_precisions[name]:.3f})")
+        (line,) = axis.step(recall, precision, where="pre", label=f"{name} (AP {average_precisions[name]:.3f})")
         recall_at, precision_at = operating_points[name]
         axis.plot([recall_at], [precision_at], marker="o", color=line.get_color())
     axis.set_xlim(0, 1.02)
