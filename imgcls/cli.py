@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, help="Parquet dataset directory for the predictions.")
     predict.add_argument("--top-k", type=int, default=None, help="Labels kept per image (default min(5, classes)).")
     predict.add_argument("--batch-size", type=int, default=None, help="Images per model call (default 64).")
-    predict.add_argument("--min-score", type=float, default=None, help="Label rows whose top score is lower 'unknown'.")
+    predict.add_argument("--min-score", type=float, default=None, help="Label rows whose top score is lower 'unknown'; multi-label: every class's threshold.")
     predict.add_argument("--rows-per-file", type=int, default=None, help="Upper bound on rows per Parquet file.")
     predict.add_argument("--partition-by", choices=["run_date"], default=None, help="Write run_date=YYYY-MM-DD/ partitions.")
     predict.add_argument(
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="Model artifact directory.")
     evaluate.add_argument("--data", required=True, help="Labelled images: a folder per class or a manifest.")
     evaluate.add_argument("--output", required=True, help="Folder for the report, metrics and figures.")
+    evaluate.add_argument(
+        "--min-score", type=float, default=None, help="Multi-label models: every class's decision threshold."
+    )
     _add_set_option(evaluate)
 
     tune = verbs.add_parser("tune", help="Search hyperparameters with Ray Tune; writes best_config.yaml and its model.")
@@ -118,12 +121,18 @@ def _evaluate(arguments: argparse.Namespace) -> None:
     from imgcls import evaluate
     from imgcls.config import EvaluateConfig, build_model, merge, parse_overrides
 
-    values = merge(
-        {"model": arguments.model, "data": arguments.data, "output": arguments.output},
-        parse_overrides(arguments.overrides),
-    )
+    values = {"model": arguments.model, "data": arguments.data, "output": arguments.output}
+    if arguments.min_score is not None:
+        values["min_score"] = arguments.min_score
+    values = merge(values, parse_overrides(arguments.overrides))
     summary = evaluate.run(build_model(EvaluateConfig, values, "evaluate arguments"))
-    print(f"accuracy {summary.accuracy:.4f} on {summary.evaluated} images ({summary.unreadable} unreadable) -> {summary.output_uri}")
+    if summary.task == "multilabel":
+        print(
+            f"micro-F1 {summary.micro_f1:.4f} macro-F1 {summary.macro_f1:.4f} exact-set accuracy {summary.accuracy:.4f} "
+            f"on {summary.evaluated} images ({summary.unreadable} unreadable) -> {summary.output_uri}"
+        )
+    else:
+        print(f"accuracy {summary.accuracy:.4f} on {summary.evaluated} images ({summary.unreadable} unreadable) -> {summary.output_uri}")
 
 
 def _tune(arguments: argparse.Namespace) -> None:

@@ -15,6 +15,7 @@ from imgcls.errors import DataError, UserError
 from imgcls.inference.engine import prediction_batches
 from imgcls.inference.placement import ModelPlacement, choose_placement
 from imgcls.inference.predictor import PREDICTION_SCHEMA
+from imgcls.inference.thresholds import resolve_thresholds, thresholds_by_class
 from imgcls.platform import output_runs, storage
 from imgcls.platform.output_runs import ChunkRecord, RunRecord
 from imgcls.platform.chunks import ChunkedTables
@@ -66,6 +67,7 @@ def run(config: PredictConfig) -> PredictSummary:
     storage.configure(config.storage)
     endpoint_url = config.storage.endpoint_url
     metadata = read_metadata(config.model, endpoint_url)
+    thresholds = resolve_thresholds(metadata, config.thresholds, config.min_score)  # bad overrides: exit 2 now
     output = storage.resolve(config.output, endpoint_url)
     _check_input_and_output(config, output)
     listing = list_prediction_inputs(config.input, endpoint_url)
@@ -75,7 +77,7 @@ def run(config: PredictConfig) -> PredictSummary:
         output_runs.refuse_foreign_files(output, output_runs.survey(output))
     run_id = output_runs.new_run_id()
     with OutputLease(output, run_id, config.lock_ttl_s, config.lock_wait_s) as lease:
-        return _run_holding_lease(config, metadata, listing, output, run_id, lease, started)
+        return _run_holding_lease(config, metadata, thresholds, listing, output, run_id, lease, started)
 
 
 def _check_input_and_output(config: PredictConfig, output: storage.Location) -> None:
@@ -100,9 +102,14 @@ def _check_input_and_output(config: PredictConfig, output: storage.Location) -> 
         )
 
 
-def _run_holding_lease(config: PredictConfig, metadata, listing, output, run_id: str, lease, started: float) -> PredictSummary:
+def _run_holding_lease(
+    config: PredictConfig, metadata, thresholds, listing, output, run_id: str, lease, started: float
+) -> PredictSummary:
     output_runs.discard_stale_staging(output)
     contents = output_runs.survey(output)
+    # Parts written before a column existed get it (null), so that a reader of the whole output,
+    # whose schema comes from the first file, never drops it silently.
+    output_runs.add_missing_columns(output, PREDICTION_SCHEMA, contents)
     superseded = 0
     if not config.overwrite:  # also repairs a run that committed but died before replacing older rows
         superseded = output_runs.supersede_older_rows(output, metadata.model_version, contents)
@@ -114,15 +121,18 @@ def _run_holding_lease(config: PredictConfig, metadata, listing, output, run_id:
         model_version=metadata.model_version, overwrite=config.overwrite, images_listed=len(listing.paths),
         already_done=len(listing.paths) - len(todo), duplicates_dropped=listing.duplicates,
         model_placement=placement.kind, placement_reason=placement.reason, started=output_runs.now(),
+        thresholds=thresholds_by_class(metadata.class_names, thresholds),
     ))  # fmt: skip
     logger.info(
         "run %s: %d images listed under %s, %d already classified by model %s, %d to classify",
         run_id, len(listing.paths), config.input, run.record.already_done, metadata.model_version, len(todo),
     )  # fmt: skip
+    if thresholds is not None:
+        logger.info("multi-label thresholds: %s", ", ".join(f"{name} {value:g}" for name, value in run.record.thresholds.items()))
     rows = errored = 0
     try:
         if todo:
-            _classify(config, metadata, todo, output, run, placement, lease)
+            _classify(config, metadata, thresholds, todo, output, run, placement, lease)
             rows, errored = _count_rows(run.record.files, config.storage.endpoint_url)
             if rows != len(todo):
                 raise RuntimeError(f"wrote {rows} prediction rows for {len(todo)} images")
@@ -174,13 +184,19 @@ class RunBook:
 
 
 def _classify(
-    config: PredictConfig, metadata, paths: list[str], output, run: RunBook, placement: ModelPlacement, lease
+    config: PredictConfig,
+    metadata,
+    thresholds: list[float] | None,
+    paths: list[str],
+    output,
+    run: RunBook,
+    placement: ModelPlacement,
+    lease,
 ) -> None:
     """Run the streaming pipeline for `paths` and commit its rows chunk by chunk (each only while this
     run still holds the output's lease), adding each chunk to the run record as it is committed."""
-    predictions = prediction_batches(
-        config, metadata, paths, config.top_k or min(5, len(metadata.class_names)), config.min_score, placement
-    )
+    top_k = config.top_k or min(5, len(metadata.class_names))
+    predictions = prediction_batches(config, metadata, paths, top_k, config.min_score, placement, thresholds=thresholds)
     partition = None
     if config.partition_by == "run_date":
         partition = f"run_date={datetime.now(timezone.utc).strftime('%Y-%m-%d')}"

@@ -309,7 +309,8 @@ def test_staged_files_hold_at_most_rows_per_file_and_every_row_once(tmp_path):
         paths = [f"/images/{index}.png" for index in range(start, start + count)]
         return pa.table({"path": paths, "label": ["a"] * count, "score": pa.array([0.5] * count, pa.float64()),
                          "top_k_labels": [["a"]] * count, "top_k_scores": [[0.5]] * count,
-                         "model_version": ["v1"] * count, "error": [None] * count})  # fmt: skip
+                         "model_version": ["v1"] * count, "error": [None] * count,
+                         "labels": [["a"]] * count})  # fmt: skip
 
     staging = storage.resolve(str(tmp_path / "staging"))
     written = output_runs.write_staged_files(

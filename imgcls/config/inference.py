@@ -74,7 +74,35 @@ class InferenceSettings(StrictModel):
         description="Seconds the run may go without a single image completing before it fails (exit 1, run record "
         "failed, committed chunks kept): a cluster that lost the nodes the run needed never hangs it.",
     )
+    thresholds: list[float] | dict[str, float] | None = Field(
+        default=None,
+        description="Multi-label models only: per-class decision thresholds in [0, 1], either one per class in "
+        "class order ([0.3, 0.6, 0.5]) or some classes by name ({cat: 0.3}; the others keep theirs). A class is "
+        "predicted when its probability is at least its threshold. Unset: the artifact's thresholds (0.5 each "
+        "where it has none). Takes precedence over min_score for the classes it gives.",
+    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("thresholds", mode="before")
+    @classmethod
+    def _thresholds_are_probabilities(cls, value: object) -> object:
+        if value is None:
+            return value
+        if isinstance(value, dict):
+            # YAML reads `{3: 0.4}` with an integer key; class names are text (digits data has "3").
+            value = {str(name) if isinstance(name, int) and not isinstance(name, bool) else name: number
+                     for name, number in value.items()}  # fmt: skip
+            values = list(value.values())
+            if not all(isinstance(name, str) and name for name in value):
+                raise ValueError("a mapping of thresholds must be keyed by class name")
+        elif isinstance(value, list):
+            values = value
+        else:
+            raise ValueError("must be a list with one number per class (in class order) or a mapping {class: number}")
+        for number in values:
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0.0 <= number <= 1.0:
+                raise ValueError(f"each threshold must be a number between 0 and 1, got {clip(repr(number), 80)}")
+        return value
 
     @field_validator("actor_resources")
     @classmethod
@@ -127,7 +155,9 @@ class PredictConfig(InferenceSettings):
         default=None,
         ge=0,
         le=1,
-        description="Rows whose top score is below this get label 'unknown' (their top-k is kept). Unset: off.",
+        description="Rows whose top score is below this get label 'unknown' (their top-k is kept, labels is []). "
+        "For a multi-label model it also sets every class's threshold (thresholds, when given, overrides it for "
+        "the classes it names). Unset: off.",
     )
     rows_per_file: int | None = Field(
         default=None, gt=0, description="Upper bound on rows per Parquet file (bounds file sizes). Unset: 1,000,000."
@@ -189,4 +219,16 @@ class EvaluateConfig(InferenceSettings):
     output: str = Field(description="Folder for metrics.json, figures, mistakes.parquet and report.md.")
     top_k: int = Field(default=5, gt=0, description="k of the top-k accuracy (capped at the number of classes).")
     calibration_bins: int = Field(default=15, ge=2, le=100, description="Equal-width confidence bins for the ECE.")
-    mistakes: int = Field(default=50, ge=0, description="Most confident mistakes kept in mistakes.parquet.")
+    mistakes: int = Field(
+        default=50,
+        ge=0,
+        description="Most confident mistakes kept in mistakes.parquet (multi-label: of each kind, false positives "
+        "and false negatives, in label_mistakes.parquet).",
+    )
+    min_score: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Multi-label models only: every class's decision threshold (thresholds, when given, overrides "
+        "it for the classes it names). Unset: the artifact's thresholds.",
+    )

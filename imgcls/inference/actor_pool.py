@@ -39,6 +39,7 @@ def pool_dataset(
     min_score: float | None,
     reason: str,
     output: Output = "rows",
+    thresholds: list[float] | None = None,
 ) -> tuple[object, str]:
     """The Predictor's output from a Ray Data actor pool, as a lazy dataset, and what the pool needs
     (for the message of a run that stalls)."""
@@ -76,7 +77,7 @@ def pool_dataset(
     predictions = decoded.map_batches(
         Predictor,
         fn_constructor_kwargs={
-            **predictor_arguments(config, top_k, min_score, output),
+            **predictor_arguments(config, top_k, min_score, output, thresholds),
             "cpu_threads": None if plan.gpus_per_actor else max(1, round(plan.cpus_per_actor)),
             "lean_import": True,  # an actor's process is ours
         },

@@ -20,11 +20,12 @@ def prediction_batches(
     min_score: float | None = None,
     placement: ModelPlacement | None = None,
     output: Output = "rows",
+    thresholds: list[float] | None = None,
 ) -> Iterator[pa.Table]:
     """Arrow tables, in input order per block: prediction rows (`output="rows"`, the Parquet schema) or
     each image's probability per class (`output="probabilities"`: path, probabilities, error). Decoding
     and the model run in this process or in Ray Data tasks and an actor pool (see `choose_placement`).
-    A stream that delivers nothing for `config.stall_timeout_s` raises JobStalledError (see
+    `thresholds` (multi-label models: one per class) decide each row's `labels`. A stream that delivers nothing for `config.stall_timeout_s` raises JobStalledError (see
     `imgcls.platform.stall_watch`)."""
     from imgcls.inference.actor_pool import batches_from_pool, pool_dataset
     from imgcls.inference.in_process import batches_in_process
@@ -32,12 +33,12 @@ def prediction_batches(
 
     placement = placement or choose_placement(len(paths), config)
     if placement.kind == "driver":
-        batches = batches_in_process(config, metadata, paths, top_k, min_score, placement, output)
+        batches = batches_in_process(config, metadata, paths, top_k, min_score, placement, output, thresholds)
         watch = StallWatch(config.stall_timeout_s, "classifying in this process")
         return watch.watch(batches)
     from imgcls.platform import ray_runtime
 
-    predictions, needs = pool_dataset(config, metadata, paths, top_k, min_score, placement.reason, output)
+    predictions, needs = pool_dataset(config, metadata, paths, top_k, min_score, placement.reason, output, thresholds)
     nodes_at_start = ray_runtime.live_node_ids()
     watch = StallWatch(
         config.stall_timeout_s, "from the model actor pool",

@@ -31,6 +31,7 @@ def batches_in_process(
     min_score: float | None,
     placement: ModelPlacement,
     output: Output = "rows",
+    thresholds: list[float] | None = None,
 ) -> Iterator[pa.Table]:
     """A run entirely in this process: no Ray worker processes or actors to start and no images to
     move between processes."""
@@ -52,7 +53,7 @@ def batches_in_process(
     on_terminal = sys.stderr.isatty()
     loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgcls-model-load")
     loading = loader.submit(
-        Predictor, **predictor_arguments(config, top_k, min_score, output), lean_import=process_is_ours()
+        Predictor, **predictor_arguments(config, top_k, min_score, output, thresholds), lean_import=process_is_ours()
     )
     loader.shutdown(wait=False)
     with (

@@ -29,6 +29,9 @@ PREDICTION_SCHEMA = pa.schema(
         pa.field("top_k_scores", pa.list_(pa.float32())),
         pa.field("model_version", pa.string()),
         pa.field("error", pa.string()),
+        # Appended last, so readers that address columns by position keep working. Multi-label: every
+        # class at or above its threshold; single-label: [label] ([] for `unknown`); null on error rows.
+        pa.field("labels", pa.list_(pa.string())),
     ]
 )
 
@@ -70,6 +73,7 @@ class Predictor:
         cpu_threads: int | None = None,
         lean_import: bool = False,
         output: Output = "rows",
+        thresholds: list[float] | None = None,
     ):
         from imgcls.modeling.artifact import load_artifact
         from imgcls.platform.logs import native_chatter_filtered
@@ -87,6 +91,8 @@ class Predictor:
         self.batch_size = batch_size
         self.min_score = min_score
         self.output = output
+        # Multi-label models only: one per class, compared in float64 with each probability as stored.
+        self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
 
     @classmethod
     def from_artifact(
@@ -112,6 +118,7 @@ class Predictor:
         scores: list[float | None] = [None] * rows
         top_labels: list[list[str] | None] = [None] * rows
         top_scores: list[list[float] | None] = [None] * rows
+        label_sets: list[list[str] | None] = [None] * rows
         if readable.any():
             probabilities = self.probabilities(batch["image"][readable])
             ranking = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.top_k]
@@ -122,6 +129,11 @@ class Predictor:
                 scores[row] = float(ranked_scores[position, 0])
                 below = self.min_score is not None and scores[row] < self.min_score
                 labels[row] = UNKNOWN_LABEL if below else top_labels[row][0]
+                if self.thresholds is not None:
+                    chosen = probabilities[position].astype(np.float64) >= self.thresholds
+                    label_sets[row] = self.class_names[chosen].tolist()
+                else:
+                    label_sets[row] = [] if below else [labels[row]]
         return pa.table(
             {
                 "path": pa.array(paths, pa.string()),
@@ -131,6 +143,7 @@ class Predictor:
                 "top_k_scores": pa.array(top_scores, pa.list_(pa.float32())),
                 "model_version": pa.array([self.metadata.model_version] * rows, pa.string()),
                 "error": pa.array([error or None for error in errors], pa.string()),
+                "labels": pa.array(label_sets, pa.list_(pa.string())),
             },
             schema=PREDICTION_SCHEMA,
         )
@@ -150,9 +163,14 @@ class Predictor:
 
 
 def predictor_arguments(
-    config: PredictConfig | EvaluateConfig, top_k: int, min_score: float | None, output: Output = "rows"
+    config: PredictConfig | EvaluateConfig,
+    top_k: int,
+    min_score: float | None,
+    output: Output = "rows",
+    thresholds: list[float] | None = None,
 ) -> dict:
     return {
+        "thresholds": thresholds,
         "model_uri": storage.resolve(config.model, config.storage.endpoint_url).uri,
         "top_k": top_k,
         "batch_size": config.batch_size,

@@ -117,6 +117,9 @@ class RunRecord(BaseModel):
     files: list[str] = Field(default_factory=list, description="URIs of the run's committed Parquet files.")
     chunks: list[ChunkRecord] = Field(default_factory=list, description="The run's committed chunks, in order.")
     error: str | None = None
+    thresholds: dict[str, float] | None = Field(
+        default=None, description="Multi-label models: the decision threshold used per class (None: single-label)."
+    )
 
 
 def write_run_record(output: storage.Location, record: RunRecord) -> None:
@@ -301,6 +304,33 @@ def supersede_older_rows(output: storage.Location, model_version: str, contents:
     if removed:
         logger.info("replaced %d earlier row(s) of images classified again (retried errors)", removed)
     return removed
+
+
+def add_missing_columns(output: storage.Location, schema: pa.Schema, contents: OutputContents | None = None) -> int:
+    """Rewrite each committed part that lacks columns of `schema` (written by an earlier imgcls) with
+    them appended as nulls, each file atomically; returns the number of files rewritten. Readers of
+    the whole output take its schema from one file, so a mix would drop the new columns silently.
+    Only the file's footer is read for files that are up to date."""
+    import pyarrow.parquet as pq
+
+    rewritten = 0
+    for path in (contents or survey(output)).parquet_files():
+        with storage.user_facing_errors(output, "read"), output.filesystem.open_input_file(path) as handle:
+            names = pq.read_schema(handle).names
+        missing = [column for column in schema if column.name not in names]
+        if not missing:
+            continue
+        with storage.user_facing_errors(output, "read"), output.filesystem.open_input_file(path) as handle:
+            table = pq.read_table(handle)
+        for column in missing:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+        extra = [name for name in table.column_names if name not in schema.names]
+        table = table.select([*schema.names, *extra])
+        storage.write_parquet_atomic(storage.Location(output.filesystem, path, output.endpoint_url), table)
+        rewritten += 1
+    if rewritten:
+        logger.info("added column(s) of the current schema (as nulls) to %d part(s) written by an earlier imgcls", rewritten)
+    return rewritten
 
 
 # Rows per Parquet row group: the actor pool hands back a block (about 1,000 rows) at a time, and a

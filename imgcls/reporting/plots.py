@@ -1,4 +1,5 @@
-"""Figures as PNG bytes (matplotlib, headless): training curves, confusion matrix, reliability diagram."""
+"""Figures as PNG bytes (matplotlib, headless): training curves, confusion matrix, reliability diagram,
+and the multi-label figures (precision-recall curves, per-class confusion)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def training_curves(history: list[dict[str, Any]]) -> bytes:
     return _png(figure)
 
 
-def confusion_matrix_heatmap(matrix: np.ndarray, class_names: list[str]) -> bytes:
+def confusion_matrix_heatmap(matrix: np.ndarray, class_names: list[str], title: str = "confusion matrix") -> bytes:
     """Rows are true classes, columns predicted; each cell shows its count."""
     plt = _figure()
     size = max(4.0, 0.5 * len(class_names) + 2)
@@ -56,7 +57,7 @@ def confusion_matrix_heatmap(matrix: np.ndarray, class_names: list[str]) -> byte
         for column in range(matrix.shape[1]):
             axis.text(column, row, int(matrix[row, column]), ha="center", va="center",
                       color="white" if matrix[row, column] > threshold else "black", fontsize=8)  # fmt: skip
-    axis.set_title("confusion matrix")
+    axis.set_title(title)
     return _png(figure)
 
 
@@ -92,4 +93,56 @@ def trial_curves(histories: dict[str, list[tuple[int, float]]], metric: str) -> 
     axis.grid(alpha=0.3)
     if any(histories.values()):
         axis.legend(fontsize="small", ncol=2)
+    return _png(figure)
+
+
+def precision_recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray] | None],
+                            average_precisions: dict[str, float | None],
+                            operating_points: dict[str, tuple[float, float]]) -> bytes:  # fmt: skip
+    """One precision-recall curve per class (step, as average precision integrates it), its AP in the
+    legend and a dot where the class's threshold puts it; classes without positives are left out."""
+    plt = _figure()
+    figure, axis = plt.subplots(figsize=(7, 5.5))
+    for name, curve in curves.items():
+        if curve is None:
+            continue
+        precision, recall = curve
+        (line,) = axis.step(recall, precision, where="pre", label=f"{name} (AP {average_precisions[name]:.3f})")
+        recall_at, precision_at = operating_points[name]
+        axis.plot([recall_at], [precision_at], marker="o", color=line.get_color())
+    axis.set_xlim(0, 1.02)
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("recall")
+    axis.set_ylabel("precision")
+    axis.set_title("precision-recall per class (dot: at its threshold)")
+    axis.grid(alpha=0.3)
+    if any(curve is not None for curve in curves.values()):
+        axis.legend(fontsize="small", loc="lower left")
+    return _png(figure)
+
+
+def per_class_confusion_grid(per_class: dict[str, dict]) -> bytes:
+    """A 2x2 confusion matrix per class (rows: truth no/yes, columns: predicted no/yes)."""
+    plt = _figure()
+    names = list(per_class)
+    columns = min(4, len(names))
+    rows = -(-len(names) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.5 * rows), squeeze=False)
+    for axis in axes.ravel()[len(names):]:
+        axis.axis("off")
+    for axis, name in zip(axes.ravel(), names):
+        counts = per_class[name]
+        matrix = np.array([[counts["true_negatives"], counts["false_positives"]],
+                           [counts["false_negatives"], counts["true_positives"]]])  # fmt: skip
+        axis.imshow(matrix, cmap="Blues", vmin=0)
+        for row in range(2):
+            for column in range(2):
+                axis.text(column, row, int(matrix[row, column]), ha="center", va="center",
+                          color="white" if matrix[row, column] > matrix.max() / 2 else "black")  # fmt: skip
+        axis.set_xticks([0, 1], ["no", "yes"])
+        axis.set_yticks([0, 1], ["no", "yes"])
+        axis.set_xlabel("predicted")
+        axis.set_ylabel("true")
+        axis.set_title(f"{name} (t={counts['threshold']:.2f})", fontsize=9)
+    figure.tight_layout()
     return _png(figure)
