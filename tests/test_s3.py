@@ -123,8 +123,13 @@ def test_credentials_never_reach_logs_or_written_files(bucket_run, capfd, caplog
     client = boto3.client("s3")
     for key in bucket_keys("runs/") + bucket_keys("predictions/"):
         texts.append(client.get_object(Bucket=TEST_BUCKET, Key=key)["Body"].read().decode("latin-1"))
-    # The suite's Ray session logs: driver, workers, Ray Train and Ray Data.
-    for log in Path("/tmp/ray/session_latest/logs").rglob("*"):
+    # The suite's Ray session logs: driver, workers, Ray Train and Ray Data (its own session folder:
+    # /tmp/ray/session_latest may be another Ray's, started later on this machine).
+    from imgcls.platform.ray_runtime import session_logs
+
+    logs = Path(session_logs())
+    assert logs.is_dir()
+    for log in logs.rglob("*"):
         if log.is_file():
             texts.append(log.read_text(errors="replace"))
     for text in texts:

@@ -63,3 +63,12 @@ def test_only_failures_of_the_endpoint_count_as_unavailable():
     assert storage.is_unavailable(OSError("AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 28"))
     assert not storage.is_unavailable(client_error("NoSuchKey", 404)) and not storage.is_unavailable(client_error("AccessDenied", 403))
     assert not storage.is_unavailable(FileNotFoundError("Path does not exist 'bucket/key'"))
+
+
+def test_a_timeout_without_a_response_is_described_not_crashed_on(tmp_path):
+    """botocore's ReadTimeoutError carries `response = None`: the message must still name the endpoint."""
+    from botocore.exceptions import ReadTimeoutError
+
+    location = storage.resolve("s3://bucket/images/a.png", "http://127.0.0.1:9")
+    error = storage.storage_error(location, "read", ReadTimeoutError(endpoint_url="http://127.0.0.1:9/bucket/images/a.png"))
+    assert "s3://bucket/images/a.png" in str(error) and "Read timeout" in str(error) and "kept failing" in str(error)

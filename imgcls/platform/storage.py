@@ -125,7 +125,9 @@ def is_unavailable(error: BaseException) -> bool:
 
 
 def _describe_failure(error: BaseException) -> str:
-    code = getattr(error, "response", {}).get("Error", {}).get("Code") if hasattr(error, "response") else None
+    # A ClientError's response is a dict; urllib3's ReadTimeoutError has `response` too, set to None.
+    response = getattr(error, "response", None)
+    code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
     return shorten(redact(code or str(error) or type(error).__name__), 300)
 
 
