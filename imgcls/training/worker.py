@@ -307,6 +307,7 @@ class Worker:
         metrics["val_micro_f1_at_thresholds"] = rules.micro_f1(probabilities, targets, metrics["thresholds"])
         metrics["val_exact_match_at_thresholds"] = rules.exact_match(probabilities, targets, metrics["thresholds"])
         metrics["val_class_f1_at_thresholds"] = [round(value, 6) for value in class_f1]
+        metrics["val_images_for_thresholds"] = len(targets)
         # Kept in the checkpoint too: a rerun of a finished run writes the artifact from it.
         self.state.threshold_metrics = {key: value for key, value in metrics.items() if "threshold" in key}
         if self.rank == 0:
