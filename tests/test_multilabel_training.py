@@ -267,3 +267,56 @@ def test_label_vectors_reach_numpy_batches_as_float32_matrices(ray_session, mult
     for row, vector in by_row.items():
         np.testing.assert_array_equal(vector, expected[row])
     assert split.unlabelled == sum(1 for names in images.label_sets if not names)
+
+
+# --- the example config, Tune's metric and warm starts --------------------------------------------
+
+
+def test_example_config_is_valid():
+    from imgcls.config import load_job_config
+
+    config = load_job_config(Path(__file__).resolve().parents[1] / "examples" / "configs" / "digits_multilabel.yaml")
+    assert config.model.task == "auto" and config.data.train.endswith("train.csv")
+
+
+def test_tune_metric_default_becomes_val_micro_f1_for_multilabel_data(tmp_path):
+    from imgcls.config import load_job_config
+    from imgcls.errors import ConfigError
+    from imgcls.tune import resolve_metric
+
+    manifest = write_csv(tmp_path / "m.csv", ["path,labels", "a.png,cat|dog", "b.png,", "c.png,dog"])
+    base = [f"data.train={manifest}", f"output_dir={tmp_path / 'out'}", "tune.search_space={train.epochs: {choice: [1, 2]}}"]
+    assert resolve_metric(load_job_config(None, base)).tune.metric == "val_micro_f1"
+    assert resolve_metric(load_job_config(None, [*base, "tune.metric=val_loss"])).tune.metric == "val_loss"
+    with pytest.raises(ConfigError, match="tune.metric is val_accuracy, but the trials train on multi-label data"):
+        resolve_metric(load_job_config(None, [*base, "tune.metric=val_accuracy"]))
+    folders = tmp_path / "folders"
+    for name in ("a", "b"):
+        (folders / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folders / name / "x.png")
+    single = [f"data.train={folders}", *base[1:]]
+    assert resolve_metric(load_job_config(None, single)).tune.metric == "val_accuracy"
+    with pytest.raises(ConfigError, match="single-label data"):
+        resolve_metric(load_job_config(None, [*single, "tune.metric=val_micro_f1"]))
+
+
+def test_warm_start_builds_a_new_head_across_tasks_and_keeps_it_within(tmp_path):
+    from imgcls.config import load_job_config
+    from imgcls.modeling.artifact import save_artifact
+    from imgcls.modeling.initial_weights import prepare_initial_weights
+    from imgcls.modeling.models import create_seed_cnn
+
+    def artifact(multilabel: bool) -> tuple[str, list]:
+        uri = str(tmp_path / f"model_{multilabel}")
+        model = create_seed_cnn((SIZE, SIZE), 3, 3, multilabel=multilabel)
+        save_artifact(model, {"class_names": CLASSES, "image_size": (SIZE, SIZE), "channels": 3,
+                              "task": "multilabel" if multilabel else "multiclass", "model_name": "seed_cnn"}, uri)  # fmt: skip
+        return uri, model.get_layer("predictions").get_weights()
+
+    for source_is_multilabel, head_kept in ((False, False), (True, True)):
+        uri, source_head = artifact(source_is_multilabel)
+        config = load_job_config(None, [f"data.train={tmp_path}", f"data.image_size=[{SIZE}, {SIZE}]",
+                                        f"model.init_from={uri}", f"output_dir={tmp_path / 'out'}"])  # fmt: skip
+        weights = prepare_initial_weights(config, CLASSES, multilabel=True)
+        head_kernel = weights[-2]  # Dense(3, sigmoid): kernel, bias last
+        assert np.array_equal(head_kernel, source_head[0]) == head_kept

@@ -288,18 +288,17 @@ class Worker:
         rows = np.concatenate([gathered[worker, :size] for worker, size in enumerate(sizes)])
         return rows[:, :num_classes], rows[:, num_classes:]
 
-    def choose_thresholds(self, metrics: dict[str, Any]) -> None:
+    def choose_thresholds(self, metrics: dict[str, Any]) -> str:
         """Multi-label, once training has ended: per-class thresholds maximising each class's F1 on
-        the whole validation split, with the final (or restored best) weights; into `metrics`."""
+        the whole validation split, with the final (or restored best) weights; into `metrics`.
+        Returns the log line that says what was chosen."""
         from imgcls.training import thresholds as rules
 
         names = self.plan.class_names
         if self.validation is None:
             metrics["thresholds"] = [rules.DEFAULT_THRESHOLD] * len(names)
             self.state.threshold_metrics = {"thresholds": metrics["thresholds"]}
-            if self.rank == 0:
-                logger.info("no validation split: every class keeps the decision threshold %g", rules.DEFAULT_THRESHOLD)
-            return
+            return f"no validation split: every class keeps the decision threshold {rules.DEFAULT_THRESHOLD:g}"
         probabilities, targets = self.validation_predictions()
         chosen, class_f1 = rules.choose_thresholds(probabilities, targets)
         metrics["thresholds"] = [round(value, 6) for value in chosen]
@@ -310,12 +309,12 @@ class Worker:
         metrics["val_images_for_thresholds"] = len(targets)
         # Kept in the checkpoint too: a rerun of a finished run writes the artifact from it.
         self.state.threshold_metrics = {key: value for key, value in metrics.items() if "threshold" in key}
-        if self.rank == 0:
-            logger.info(
-                "thresholds chosen on %d validation images (max F1 per class): %s; val micro_f1 %.4f at 0.5, %.4f at these",
-                len(targets), ", ".join(f"{name} {value:.3f}" for name, value in zip(names, metrics["thresholds"])),
-                metrics["val_micro_f1_default_threshold"], metrics["val_micro_f1_at_thresholds"],
-            )  # fmt: skip
+        return (
+            f"thresholds chosen on {len(targets)} validation images (max F1 per class): "
+            + ", ".join(f"{name} {value:.3f}" for name, value in zip(names, metrics["thresholds"]))
+            + f"; val micro_f1 {metrics['val_micro_f1_default_threshold']:.4f} at 0.5, "
+            f"{metrics['val_micro_f1_at_thresholds']:.4f} at these"
+        )
 
     def _finish_epoch(self, metrics: dict[str, Any]) -> None:
         """Early stopping's weight restore, the replicas' checksums at the end, and the epoch's log line."""
@@ -323,8 +322,7 @@ class Worker:
         if state.stopped_early and early.restore_best_weights and state.best_weights is not None:
             self.model.set_weights(state.best_weights)
             metrics["restored_epoch"] = state.stopper.best_epoch
-        if state.finished and self.plan.multilabel:
-            self.choose_thresholds(metrics)
+        thresholds_line = self.choose_thresholds(metrics) if state.finished and self.plan.multilabel else None
         if state.finished:
             checksum = float(sum(np.asarray(variable.numpy(), dtype=np.float64).sum() for variable in self.model.weights))
             metrics["weights_checksums"] = [float(value) for value in self.steps.gather_across_workers([checksum])]
@@ -337,6 +335,8 @@ class Worker:
                     f"restored the weights of epoch {state.stopper.best_epoch}" if "restored_epoch" in metrics
                     else "keeping the last weights",
                 )  # fmt: skip
+            if thresholds_line:  # chosen with the weights the model ends with
+                logger.info(thresholds_line)
 
     def _eta(self, epochs_done: int) -> float:
         done = epochs_done - self.first_epoch
