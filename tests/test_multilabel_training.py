@@ -231,7 +231,7 @@ def test_multilabel_run_learns_the_marks_and_stores_thresholds(multilabel_run, m
     assert held_out_f1 >= 0.8 and held_out_f1 > chance + 0.3, (held_out_f1, chance)
 
 
-def test_multilabel_epoch_lines_and_threshold_line_in_the_log(multilabel_run):
+def test_multilabel_metrics_and_epoch_line(multilabel_run):
     # The artifact's metrics also carry the validation scores at both thresholds.
     metrics = json.loads((multilabel_run / "model" / "metadata.json").read_text())["metrics"]
     assert {"val_micro_f1_default_threshold", "val_exact_match_at_thresholds", "val_class_f1_at_thresholds"} <= set(metrics)
