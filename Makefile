@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv data demo test test-fast test-long bench clean
+.PHONY: venv data data-multilabel demo demo-multilabel test test-fast test-long bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,16 @@ demo: data
 		--output runs/digits/predictions
 	$(BIN)/python examples/score_predictions.py --predictions runs/digits/predictions \
 		--labelled examples/data/digits/test
+
+data-multilabel: $(STAMP)
+	$(BIN)/python examples/make_multilabel_dataset.py --output examples/data/digits_multilabel
+
+# Multi-label: canvases of zero, one or two digits; train a sigmoid per digit, score the held-out
+# canvases with the artifact's per-class thresholds.
+demo-multilabel: data-multilabel
+	$(BIN)/python jobs/train.py --config examples/configs/digits_multilabel.yaml
+	$(BIN)/python jobs/evaluate.py --model runs/digits_multilabel/model \
+		--data examples/data/digits_multilabel/test.csv --output runs/digits_multilabel/evaluation
 
 # Two test processes: the tests of the shared Ray and S3 endpoints run in order in one, every other
 # module whole in either (most of the suite waits on processes and clusters, not on the CPU).

@@ -82,30 +82,50 @@ def _write_skipped(output_dir: storage.Location, skipped: list[dict[str, str]]) 
 
 
 def _list_data(config: JobConfig):
-    """List and split the labelled images (cheap): returns class names, train and val listings."""
+    """List and split the labelled images (cheap), in the form of the run's task (see
+    imgcls.training.task): returns class names, train and val listings, and whether it is multi-label."""
     from imgcls.data import listing
+    from imgcls.training.task import conform, resolve_multilabel
 
     endpoint_url = config.storage.endpoint_url
     images = listing.list_labelled(config.data.train, endpoint_url)
+    multilabel = resolve_multilabel(config.model.task, images)
+    images = conform(images, multilabel, "data.train")
     if config.data.val:
         train_images = images
-        val_images = listing.list_labelled(config.data.val, endpoint_url)
-        unknown = sorted(set(val_images.class_names) - set(images.class_names))
-        if unknown:
-            raise DataError(
-                f"data.val has class folder(s) {unknown} that data.train lacks; both must use the same classes."
-            )
+        val_images = conform(listing.list_labelled(config.data.val, endpoint_url), multilabel, "data.val")
+        listing.check_known_classes(val_images, images.class_names, "data.val", "data.train")
         val_images.class_names = images.class_names
     else:
         train_images, val_images = listing.stratified_split(images, config.data.val_fraction, config.seed)
+    unlabelled = f", {images.unlabelled_count()} with no label" if multilabel else ""
     logger.info(
-        "found %d labelled images in %d classes under %s (%d other files ignored)",
-        len(images.paths),
-        len(images.class_names),
-        config.data.train,
-        images.ignored,
-    )
-    return images.class_names, train_images, val_images
+        "found %d labelled images in %d classes under %s (%d other files ignored)%s; task %s",
+        len(images.paths), len(images.class_names), config.data.train, images.ignored, unlabelled,
+        "multilabel" if multilabel else ("binary" if len(images.class_names) == 2 else "multiclass"),
+    )  # fmt: skip
+    return images.class_names, train_images, val_images, multilabel
+
+
+def check_monitors(config: JobConfig, multilabel: bool) -> None:
+    """Every metric the run watches (early stopping, reduce_on_plateau, checkpoint ranking) must be one
+    it reports: a multi-label run has micro_f1 and exact_match, not accuracy."""
+    from imgcls.training.task import MULTILABEL_METRICS, SINGLE_LABEL_METRICS
+
+    reported = MULTILABEL_METRICS if multilabel else SINGLE_LABEL_METRICS
+    train = config.train
+    watched = [("train.checkpoint_monitor", train.checkpoint_monitor)]
+    if train.early_stopping.enabled:
+        watched.append(("train.early_stopping.monitor", train.early_stopping.monitor))
+    if train.schedule.name == "reduce_on_plateau":
+        watched.append(("train.schedule.monitor", train.schedule.monitor))
+    for key, monitor in watched:
+        if monitor.removeprefix("val_") not in reported:
+            kind = "a multi-label" if multilabel else "a single-label"
+            raise ConfigError(
+                f"{key} is '{monitor}', but {kind} run reports {', '.join(reported)} (and val_ of each with "
+                f"validation). Use one of those, e.g. {'val_micro_f1' if multilabel else 'val_accuracy'} or val_loss."
+            )
 
 
 def _decode_data(config: JobConfig, train_images, val_images):
@@ -128,8 +148,8 @@ def _decode_data(config: JobConfig, train_images, val_images):
         raise DataError(f"None of the {len(train_images.paths)} training images under {config.data.train} is readable.")
     if empty:
         raise DataError(
-            f"Class(es) {empty} have no readable training images after skipping unreadable files; "
-            "add images or remove those class folders."
+            f"Class(es) {empty} have no readable training images after skipping unreadable files (for "
+            "multi-label data: no readable image carrying them); add images or remove those classes."
         )
     val_split = prepare_split(val_images, split_name="val", **settings) if val_images else None
     return train_split, val_split
@@ -141,6 +161,7 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     `callbacks` are Ray Train callbacks (Ray Tune passes its report callback here). A Tune trial
     plans with the cluster's total CPUs (`plan_with_free_cpus=False`): the search already gave it
     its share, and CPUs a stopped trial is still releasing are worth waiting for."""
+    from imgcls.modeling.artifact import task_for
     from imgcls.modeling.initial_weights import prepare_initial_weights
     from imgcls.platform.ray_runtime import cluster_totals, ensure_ray, free_resources
     from imgcls.platform.resources import plan_training
@@ -157,13 +178,14 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
     _check_resumable(output_dir, config)
     storage.write_text_atomic(output_dir.join("config.yaml"), config_to_yaml(config))
-    class_names, train_images, val_images = _list_data(config)
+    class_names, train_images, val_images, multilabel = _list_data(config)
+    check_monitors(config, multilabel)
     if config.train.deterministic:  # decoded blocks, and so the shards, in the listing's seeded order
         import ray.data
 
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     # Before decoding: a missing weights file or an offline ImageNet download fails in seconds.
-    initial_weights = prepare_initial_weights(config, class_names)
+    initial_weights = prepare_initial_weights(config, class_names, multilabel)
     train_split, val_split = _decode_data(config, train_images, val_images)
     skipped = train_split.skipped + (val_split.skipped if val_split else [])
     _write_skipped(output_dir, skipped)
@@ -175,10 +197,13 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
         "val_images": val_split.num_rows if val_split else 0,
         "skipped_images": len(skipped),
         "train_class_counts": train_split.class_counts,
+        "task": task_for(len(class_names), multilabel),
     }
-    worker_plan = _worker_plan(config, class_names, train_split, val_split, resources, initial_weights)
+    if multilabel:
+        data_summary.update(_multilabel_summary(train_split, val_split))
+    worker_plan = _worker_plan(config, class_names, train_split, val_split, resources, initial_weights, multilabel)
     worker_plan.artifact_uri = output_dir.join("model").uri
-    worker_plan.artifact_fields = _artifact_fields(config, class_names, data_summary)
+    worker_plan.artifact_fields = _artifact_fields(config, class_names, data_summary, multilabel)
     trainer = _trainer(config, worker_plan, resources, output_dir, callbacks)
     phases["data_s"] = time.time() - started - phases["ray_s"]
     fit_started = time.time()
@@ -197,13 +222,15 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
         state = read_final_state(checkpoint_dir)
         final_metrics = {key: value for key, value in (result.metrics or {}).items() if not key.startswith("_")}
         if not final_metrics and state["history"]:
-            final_metrics = dict(state["history"][-1])
+            final_metrics = {**state["history"][-1], **state.get("threshold_metrics", {})}
         model_version = (result.metrics or {}).get("_model_version")
         if model_version is None:
             # Rank 0 writes the artifact from the live model as training ends; a run that had already
             # finished before this one resumed it never got there, so it comes from the checkpoint.
             model, _ = load_final_model(checkpoint_dir)
-            model_version = _write_artifact(config, model, class_names, final_metrics, data_summary, output_dir)
+            model_version = _write_artifact(
+                config, model, class_names, final_metrics, data_summary, output_dir, multilabel
+            )
     fit_ended = time.time()
     write_history(output_dir, state["history"], config.train.tensorboard)
     artifact_uri = worker_plan.artifact_uri
@@ -238,12 +265,28 @@ def _report_phases(output_dir, phases: dict[str, float], state: dict, metrics: d
     )  # fmt: skip
 
 
-def _worker_plan(config: JobConfig, class_names: list[str], train_split, val_split, resources, initial_weights):
+def _multilabel_summary(train_split, val_split) -> dict[str, Any]:
+    """Images with no label, and labels per image, of each split of a multi-label run."""
+    summary = {
+        "train_unlabelled_images": train_split.unlabelled,
+        "train_label_cardinality": round(train_split.label_cardinality, 4),
+    }
+    if val_split is not None:
+        summary.update(
+            val_unlabelled_images=val_split.unlabelled,
+            val_label_cardinality=round(val_split.label_cardinality, 4),
+            val_class_counts=val_split.class_counts,
+        )
+    return summary
+
+
+def _worker_plan(config: JobConfig, class_names: list[str], train_split, val_split, resources, initial_weights,
+                 multilabel: bool = False):  # fmt: skip
     """What every worker gets: the shards of every group size Ray Train may start (see `_layout`),
     the class weights and the starting weights."""
     import ray
 
-    from imgcls.modeling.losses import class_weight_vector
+    from imgcls.modeling.losses import class_weight_vector, positive_weight_vector
     from imgcls.training.worker import WorkerPlan
 
     if train_split.num_rows // resources.num_workers == 0:
@@ -252,7 +295,12 @@ def _worker_plan(config: JobConfig, class_names: list[str], train_split, val_spl
             "each worker needs at least one image."
         )
     try:
-        class_weights = class_weight_vector(config.train.class_weights, class_names, train_split.class_counts)
+        if multilabel:
+            class_weights = positive_weight_vector(
+                config.train.class_weights, class_names, train_split.class_counts, train_split.num_rows
+            )
+        else:
+            class_weights = class_weight_vector(config.train.class_weights, class_names, train_split.class_counts)
     except ValueError as error:
         raise ConfigError(str(error)) from None
     has_validation = val_split is not None and val_split.num_rows > 0
@@ -266,7 +314,7 @@ def _worker_plan(config: JobConfig, class_names: list[str], train_split, val_spl
         config=config, class_names=class_names,
         layouts={size: _layout(config, train_split, val_split if has_validation else None, size, resources.num_workers)
                  for size in sizes},
-        class_weights=class_weights,
+        class_weights=class_weights, multilabel=multilabel,
         initial_weights=ray.put(initial_weights) if initial_weights is not None else None,
     )  # fmt: skip
 
@@ -380,15 +428,16 @@ def _trainer(config: JobConfig, worker_plan, resources, output_dir: storage.Loca
     )
 
 
-def _artifact_fields(config: JobConfig, class_names: list[str], data_summary: dict[str, Any]) -> dict[str, Any]:
-    """The artifact's metadata but for the final metrics, known before training starts."""
+def _artifact_fields(config: JobConfig, class_names: list[str], data_summary: dict[str, Any],
+                     multilabel: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The artifact's metadata but for the final metrics (and multi-label thresholds), known before training starts."""
     from imgcls.modeling.artifact import task_for
 
     return {
         "class_names": class_names,
         "image_size": tuple(config.data.image_size),
         "channels": config.data.channels,
-        "task": task_for(len(class_names)),
+        "task": task_for(len(class_names), multilabel),
         "model_name": config.model.name,
         "config": config.model_dump(mode="json"),
         "data_summary": data_summary,
@@ -396,8 +445,10 @@ def _artifact_fields(config: JobConfig, class_names: list[str], data_summary: di
 
 
 def _write_artifact(config: JobConfig, model, class_names: list[str], metrics: dict[str, Any], data_summary: dict[str, Any],
-                    output_dir: storage.Location) -> str:  # fmt: skip
+                    output_dir: storage.Location, multilabel: bool = False) -> str:  # fmt: skip
     from imgcls.modeling.artifact import save_artifact
 
-    fields = {**_artifact_fields(config, class_names, data_summary), "metrics": metrics}
+    fields = {**_artifact_fields(config, class_names, data_summary, multilabel), "metrics": metrics}
+    if multilabel:
+        fields["thresholds"] = metrics.get("thresholds") or [0.5] * len(class_names)
     return save_artifact(model, fields, output_dir.join("model").uri, config.storage.endpoint_url).model_version

@@ -116,6 +116,32 @@ def check_search_space(config: JobConfig) -> None:
         )
 
 
+def resolve_metric(config: JobConfig) -> JobConfig:
+    """`config` with a tune.metric the trials report. Multi-label runs report micro_f1 and
+    exact_match instead of accuracy: the default metric (val_accuracy) becomes val_micro_f1 for them;
+    an accuracy metric named in the config is an error, as is a multi-label metric for single-label data."""
+    from imgcls.data.listing import list_labelled
+    from imgcls.training.task import MULTILABEL_METRICS, SINGLE_LABEL_METRICS, resolve_multilabel
+
+    settings = config.tune
+    name = settings.metric.removeprefix("val_")
+    multilabel = resolve_multilabel(config.model.task, list_labelled(config.data.train, config.storage.endpoint_url))
+    reported = MULTILABEL_METRICS if multilabel else SINGLE_LABEL_METRICS
+    if name in reported or name not in SINGLE_LABEL_METRICS + MULTILABEL_METRICS:
+        return config  # a reported score, or another reported number (images_per_second, ...)
+    if multilabel and name == "accuracy" and "metric" not in settings.model_fields_set:
+        metric = settings.metric.replace("accuracy", "micro_f1")
+        logger.info("multi-label data: trials are ranked by %s (tune.metric's default %s is single-label)",
+                    metric, settings.metric)  # fmt: skip
+        return config.model_copy(update={"tune": settings.model_copy(update={"metric": metric})})
+    kind = "multi-label" if multilabel else "single-label"
+    raise ConfigError(
+        f"tune.metric is {settings.metric}, but the trials train on {kind} data and report "
+        f"{', '.join(reported)} (val_ of each with validation). Set tune.metric to one of those, e.g. "
+        f"{'val_micro_f1' if multilabel else 'val_accuracy'}."
+    )
+
+
 def tune_search_space(settings: TuneSettings) -> dict[str, Any]:
     from ray import tune
 
@@ -267,9 +293,10 @@ def run(config: JobConfig) -> TuneResult:
 
     if config.tune is None:
         raise ConfigError("jobs/tune.py needs a `tune:` section with at least `tune.search_space` (see README).")
-    settings = config.tune
     check_search_space(config)
     storage.configure(config.storage)
+    config = resolve_metric(config)
+    settings = config.tune
     ensure_ray()
     plan = plan_tuning(config, free_resources()["CPU"])
     logger.info("tuning plan: %s", plan.describe(config.scaling.num_workers))

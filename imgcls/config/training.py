@@ -29,12 +29,15 @@ class DataConfig(StrictModel):
     train: str = Field(
         description="Labelled training images, local or s3://: a folder with one sub-folder per class "
         "(`root/<class>/<image>`), or a CSV/Parquet manifest with `path,label` columns (paths absolute "
-        "URIs or relative to the manifest)."
+        "URIs or relative to the manifest). Multi-label images: a manifest with `path,labels`, the labels "
+        "joined by `|` in CSV (`cat|dog`) or a list<string> in Parquet; an empty cell (or null, or []) is an "
+        "image with none of the classes, a real training example."
     )
     val: str | None = Field(
         default=None,
-        description="Optional separate validation set in the same forms as `train`. When unset, "
-        "`val_fraction` of `train` is held out instead.",
+        description="Optional separate validation set in the same forms as `train`, with no class that `train` "
+        "lacks (converted to the run's task like `train`). When unset, `val_fraction` of `train` is held out "
+        "instead (multi-label: per distinct label set).",
     )
     val_fraction: float = Field(
         default=0.2,
@@ -137,7 +140,8 @@ class ModelConfig(StrictModel):
         description="auto: decided by the data (a manifest with a `labels` column is multi-label, anything else "
         "single-label); multiclass: one class per image (softmax; one sigmoid for two classes); multilabel: any "
         "number of classes per image, including none (a sigmoid per class, binary cross-entropy, per-class "
-        "thresholds). Stored in the artifact.",
+        "thresholds chosen on the validation split); single-label data then trains on one-label sets. A "
+        "`labels` manifest trains multiclass only when every image has exactly one label. Stored in the artifact.",
     )
     name: ModelName = Field(
         default="seed_cnn",
@@ -243,12 +247,20 @@ class ScheduleConfig(StrictModel):
     min_learning_rate: float = Field(default=0.0, ge=0, description="cosine and reduce_on_plateau: the floor.")
     plateau_factor: float = Field(default=0.5, gt=0, lt=1, description="reduce_on_plateau: multiplier on a plateau.")
     plateau_patience: int = Field(default=2, ge=1, description="reduce_on_plateau: epochs without improvement.")
-    monitor: str = Field(default="val_loss", description="reduce_on_plateau: metric watched (min for *loss, else max).")
+    monitor: str = Field(
+        default="val_loss",
+        description="reduce_on_plateau: metric watched (min for *loss, else max): loss, accuracy (multi-label: "
+        "micro_f1, exact_match), each with val_ for the validation split.",
+    )
 
 
 class EarlyStoppingConfig(StrictModel):
     enabled: bool = Field(default=False, description="Stop when `monitor` stops improving.")
-    monitor: str = Field(default="val_loss", description="Metric watched: minimised if it ends in 'loss', else maximised.")
+    monitor: str = Field(
+        default="val_loss",
+        description="Metric watched: minimised if it ends in 'loss', else maximised. loss or accuracy (multi-label: "
+        "micro_f1 or exact_match), val_ + each for the validation split.",
+    )
     patience: int = Field(default=3, ge=1, description="Epochs without improvement before stopping.")
     min_delta: float = Field(default=0.0, ge=0, description="Smallest change that counts as an improvement.")
     restore_best_weights: bool = Field(default=True, description="End with the weights of the best epoch.")
@@ -269,19 +281,26 @@ class TrainConfig(StrictModel):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     label_smoothing: float = Field(
-        default=0.0, ge=0, lt=1, description="Soften one-hot targets by this much (0.1 is common); 0 disables."
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Soften one-hot targets by this much (0.1 is common); 0 disables. Multi-label: every "
+        "per-class target y becomes y * (1 - s) + 0.5 * s (Keras' BinaryCrossentropy definition).",
     )
     class_weights: Literal["balanced"] | dict[str, float] | None = Field(
         default=None,
         description="Loss weight per class for imbalanced data: none, `balanced` (n / (classes x count)), "
-        "or a mapping {class_name: weight} (missing classes weigh 1).",
+        "or a mapping {class_name: weight} (missing classes weigh 1). Multi-label: the weight multiplies "
+        "only that class's positive term of the binary cross-entropy (PyTorch's BCEWithLogitsLoss pos_weight); "
+        "`balanced` is negatives / positives of the class in the training split, capped at 100.",
     )
     max_failures: int = Field(
         default=0, ge=-1, description="Worker failures survived by restarting from the last checkpoint (-1: no limit)."
     )
     checkpoint_monitor: str = Field(
         default="val_loss",
-        description="Metric that ranks checkpoints (minimised if it ends in 'loss'); `loss` is used without validation.",
+        description="Metric that ranks checkpoints (minimised if it ends in 'loss'); `loss` is used without validation. "
+        "Multi-label runs report micro_f1 and exact_match instead of accuracy.",
     )
     checkpoints_to_keep: int | None = Field(
         default=None, ge=1, description="Best checkpoints kept by checkpoint_monitor; unset keeps all."

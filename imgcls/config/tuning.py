@@ -22,7 +22,11 @@ class TuneSettings(StrictModel):
         "`{randint: [low, high]}` (high excluded). Example: `train.learning_rate: {loguniform: [1.0e-4, 1.0e-2]}`.",
     )
     num_samples: int = Field(default=8, gt=0, description="Trials drawn from the space (each grid value this many times).")
-    metric: str = Field(default="val_accuracy", description="Reported metric that ranks trials, e.g. val_accuracy, val_loss.")
+    metric: str = Field(
+        default="val_accuracy",
+        description="Reported metric that ranks trials, e.g. val_accuracy, val_loss. For multi-label data the "
+        "default becomes val_micro_f1 (multi-label runs report micro_f1 and exact_match, not accuracy).",
+    )
     mode: Literal["min", "max"] | None = Field(
         default=None, description="Whether `metric` is minimised or maximised. Unset: min for *loss, else max."
     )

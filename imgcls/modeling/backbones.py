@@ -70,6 +70,7 @@ def create_backbone_model(
     channels: int,
     num_classes: int,
     backbone_weights: str | None = None,
+    multilabel: bool = False,
 ) -> keras.Model:
     """Raw pixels -> (grey to RGB) -> backbone preprocessing -> backbone (in inference mode when
     pretrained) -> global average pooling -> dense head -> predictions."""
@@ -95,7 +96,7 @@ def create_backbone_model(
                 layer.momentum = config.batch_norm_momentum
         features = backbone(features)
     features = keras.layers.GlobalAveragePooling2D(name="global_pool")(features)
-    return keras.Model(inputs, dense_head(features, config, num_classes), name=config.name)
+    return keras.Model(inputs, dense_head(features, config, num_classes, multilabel), name=config.name)
 
 
 def backbone_of(model: keras.Model) -> keras.Model:
@@ -140,17 +141,18 @@ def _local_weights_file(uri: str, endpoint_url: str | None, scratch: Path) -> st
 
 
 def load_pretrained_model(
-    config: ModelConfig, image_size: tuple[int, int], channels: int, num_classes: int, endpoint_url: str | None
+    config: ModelConfig, image_size: tuple[int, int], channels: int, num_classes: int, endpoint_url: str | None,
+    multilabel: bool = False,
 ) -> keras.Model:
     """Build a backbone model with `model.weights` loaded, or fail with a message that says what to do."""
     name = config.name
     if config.weights == "none":
-        return create_backbone_model(config, image_size, channels, num_classes, None)
+        return create_backbone_model(config, image_size, channels, num_classes, None, multilabel)
     if config.weights == "imagenet":
         previous_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)
         try:
-            return create_backbone_model(config, image_size, channels, num_classes, "imagenet")
+            return create_backbone_model(config, image_size, channels, num_classes, "imagenet", multilabel)
         except Exception as error:  # Keras raises a bare Exception when the download fails.
             if "URL fetch failure" not in str(error) and not isinstance(error, OSError):
                 raise
@@ -166,7 +168,7 @@ def load_pretrained_model(
     with tempfile.TemporaryDirectory(prefix="imgcls-weights-") as scratch:
         path = _local_weights_file(config.weights, endpoint_url, Path(scratch))
         try:
-            return create_backbone_model(config, image_size, channels, num_classes, path)
+            return create_backbone_model(config, image_size, channels, num_classes, path, multilabel)
         except (ValueError, KeyError, OSError) as error:
             raise ConfigError(
                 f"model.weights: {config.weights} does not fit {name} without its top at image size "

@@ -50,8 +50,8 @@ def transfer_weights(source, target, same_classes: bool) -> tuple[list[str], lis
     return copied, fresh
 
 
-def _warm_start(config: JobConfig, class_names: list[str]) -> list[np.ndarray]:
-    from imgcls.modeling.artifact import load_artifact
+def _warm_start(config: JobConfig, class_names: list[str], multilabel: bool = False) -> list[np.ndarray]:
+    from imgcls.modeling.artifact import load_artifact, task_for
     from imgcls.modeling.models import create_model
 
     source, metadata = load_artifact(config.model.init_from, config.storage.endpoint_url)
@@ -61,20 +61,25 @@ def _warm_start(config: JobConfig, class_names: list[str]) -> list[np.ndarray]:
             f"{metadata.channels} channel(s); this config has data.image_size={list(config.data.image_size)}, "
             f"data.channels={config.data.channels}. Use the artifact's size and channels."
         )
-    target = create_model(config.model, tuple(config.data.image_size), config.data.channels, len(class_names))
-    same_classes = list(metadata.class_names) == list(class_names)
-    copied, fresh = transfer_weights(source, target, same_classes)
+    target = create_model(config.model, tuple(config.data.image_size), config.data.channels, len(class_names), multilabel)
+    task = task_for(len(class_names), multilabel)
+    # The head is kept only for the same classes and the same task: a softmax's weights are no
+    # starting point for sigmoids per class (nor the other way round), even at the same width.
+    same_head = list(metadata.class_names) == list(class_names) and metadata.task == task
+    copied, fresh = transfer_weights(source, target, same_head)
+    if not fresh:
+        why = ""
+    elif metadata.task != task:
+        why = f", new {task} head for classes {class_names} (artifact: {metadata.task} for {metadata.class_names})"
+    else:
+        why = f", new head for classes {class_names} (artifact had {metadata.class_names})"
     logger.info(
-        "warm start from %s (model %s): %d layers copied%s",
-        config.model.init_from,
-        metadata.model_version,
-        len(copied),
-        f", new head for classes {class_names} (artifact had {metadata.class_names})" if fresh else "",
+        "warm start from %s (model %s): %d layers copied%s", config.model.init_from, metadata.model_version, len(copied), why
     )
     return target.get_weights()
 
 
-def prepare_initial_weights(config: JobConfig, class_names: list[str]) -> list[np.ndarray] | None:
+def prepare_initial_weights(config: JobConfig, class_names: list[str], multilabel: bool = False) -> list[np.ndarray] | None:
     """The weights every worker starts from, or None for a fresh seeded initialisation (made by
     the workers: the driver then never imports TensorFlow)."""
     pretrained = config.model.name in BACKBONES and config.model.weights != "none"
@@ -85,11 +90,12 @@ def prepare_initial_weights(config: JobConfig, class_names: list[str]) -> list[n
     # Seeded, so the new head starts the same way on every run of the same config.
     keras.utils.set_random_seed(config.seed)
     if config.model.init_from:
-        return _warm_start(config, class_names)
+        return _warm_start(config, class_names, multilabel)
     from imgcls.modeling.backbones import load_pretrained_model
 
     model = load_pretrained_model(
-        config.model, tuple(config.data.image_size), config.data.channels, len(class_names), config.storage.endpoint_url
+        config.model, tuple(config.data.image_size), config.data.channels, len(class_names), config.storage.endpoint_url,
+        multilabel,
     )
     logger.info("backbone %s: weights from %s", config.model.name, config.model.weights)
     return model.get_weights()

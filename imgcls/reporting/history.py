@@ -17,8 +17,9 @@ def write_history(output_dir: storage.Location, history: list[dict[str, Any]], t
 
     from imgcls.reporting.plots import training_curves
 
-    columns = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second",
-               "epoch_seconds", "workers"]  # fmt: skip
+    scores = score_names(history)
+    columns = ["epoch", "loss", *scores, "val_loss", *[f"val_{name}" for name in scores], "learning_rate",
+               "images_per_second", "epoch_seconds", "workers"]  # fmt: skip
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -29,6 +30,11 @@ def write_history(output_dir: storage.Location, history: list[dict[str, Any]], t
         _write_tensorboard(output_dir.join("tensorboard"), history)
 
 
+def score_names(history: list[dict[str, Any]]) -> list[str]:
+    """The per-epoch scores besides the loss: accuracy, or micro_f1 and exact_match for multi-label runs."""
+    return ["micro_f1", "exact_match"] if history and "micro_f1" in history[0] else ["accuracy"]
+
+
 def _write_tensorboard(destination: storage.Location, history: list[dict[str, Any]]) -> None:
     import tensorflow as tf
 
@@ -37,7 +43,7 @@ def _write_tensorboard(destination: storage.Location, history: list[dict[str, An
             writer = tf.summary.create_file_writer(str(Path(local) / split))
             with writer.as_default():
                 for entry in history:
-                    for name in ("loss", "accuracy"):
+                    for name in ("loss", *score_names(history)):
                         if f"{prefix}{name}" in entry:
                             tf.summary.scalar(name, entry[f"{prefix}{name}"], step=entry["epoch"])
                     if split == "train":

@@ -26,11 +26,12 @@ def _png(figure) -> bytes:
 
 
 def training_curves(history: list[dict[str, Any]]) -> bytes:
-    """Loss and accuracy per epoch, train against validation."""
+    """Loss and accuracy (micro_f1 for multi-label runs) per epoch, train against validation."""
     plt = _figure()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [entry["epoch"] for entry in history]
-    for axis, name in zip(axes, ("loss", "accuracy")):
+    score = "micro_f1" if history and "micro_f1" in history[0] else "accuracy"
+    for axis, name in zip(axes, ("loss", score)):
         axis.plot(epochs, [entry[name] for entry in history], marker="o", label=f"train {name}")
         if history and f"val_{name}" in history[0]:
             axis.plot(epochs, [entry.get(f"val_{name}") for entry in history], marker="o", label=f"validation {name}")

@@ -28,6 +28,8 @@ class TrainState:
     # Wall-clock seconds since the epoch (UNIX time) of the first epoch's start and the last epoch's
     # end, and the seconds spent writing checkpoints: where a run's time went (timings.json).
     timings: dict[str, float] = field(default_factory=dict)
+    # Multi-label, once finished: the per-class thresholds and the validation metrics at them.
+    threshold_metrics: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.plateau = self.plateau or PlateauTracker(self.config.train.schedule)
@@ -45,6 +47,7 @@ class TrainState:
             "early_stopping": self.stopper.state(),
             "stopped_early": self.stopped_early,
             "timings": self.timings,
+            "threshold_metrics": self.threshold_metrics,
         }
 
     @classmethod
@@ -58,6 +61,7 @@ class TrainState:
             stopped_early=values.get("stopped_early", False),
             best_weights=best_weights,
             timings=values.get("timings", {}),
+            threshold_metrics=values.get("threshold_metrics", {}),
         )
 
     def record_epoch(self, metrics: dict[str, Any], weights: Callable[[], list[np.ndarray]]) -> None:

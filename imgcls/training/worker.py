@@ -52,7 +52,8 @@ class WorkerPlan(BaseModel):
     # One layout per group size Ray Train may start: just num_workers, or min_workers..num_workers
     # when elastic. Each splits the same images, so every image is seen once per epoch at any size.
     layouts: dict[int, ShardLayout]
-    class_weights: list[float] | None = None
+    class_weights: list[float] | None = None  # multi-label: the positive weight of each class
+    multilabel: bool = False  # the resolved task: a sigmoid per class and 0/1 label vectors
     initial_weights: Any | None = None  # a Ray object reference to the starting weights, or None
     artifact_uri: str | None = None  # where rank 0 writes the model artifact when training ends
     artifact_fields: dict[str, Any] = {}  # its metadata, less the final metrics
@@ -167,7 +168,9 @@ class Worker:
         phases = PhasePlan(config)
         num_classes = len(plan.class_names)
         with strategy.scope():
-            model = create_model(config.model, tuple(config.data.image_size), config.data.channels, num_classes)
+            model = create_model(
+                config.model, tuple(config.data.image_size), config.data.channels, num_classes, plan.multilabel
+            )
             optimizer = create_optimizer(config.train.optimizer, config.train.learning_rate)
             if mixed_precision:
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -175,10 +178,10 @@ class Worker:
             optimizer.build(model.trainable_variables)
         if plan.initial_weights is not None:
             model.set_weights(ray.get(plan.initial_weights))
-        loss_function = create_loss(num_classes, config.train.label_smoothing, plan.class_weights)
+        loss_function = create_loss(num_classes, config.train.label_smoothing, plan.class_weights, plan.multilabel)
         return cls(
             plan=plan, layout=layout, rank=rank, model=model, optimizer=optimizer,
-            steps=build_steps(strategy, model, optimizer, loss_function, num_classes, mixed_precision),
+            steps=build_steps(strategy, model, optimizer, loss_function, num_classes, mixed_precision, plan.multilabel),
             phases=phases,
             feed=EpochFeed(layout.train_shards[rank], config, layout.rows_per_worker, rank, layout.batch_size),
             validation=EvaluationFeed(layout.val_shards[rank], config, layout.val_rows) if layout.val_shards else None,
@@ -219,13 +222,14 @@ class Worker:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch, validate, update the state; returns the epoch's metrics."""
         from imgcls.training.schedules import learning_rate_at
+        from imgcls.training.steps import epoch_metrics
 
         config, steps_per_epoch = self.plan.config, self.layout.steps_per_epoch
         if self.phases.enter(self.model, epoch, log=self.rank == 0):
             self.steps.retrace_train_step()
         epoch_started = time.perf_counter()
         self.state.timings.setdefault("first_epoch_started", time.time())
-        local_sums = np.zeros(3, dtype=np.float64)
+        local_sums = np.zeros(self.steps.sum_width, dtype=np.float64)
         steps = 0
         for batch in self.feed.batches(epoch):
             if steps == steps_per_epoch:
@@ -240,12 +244,12 @@ class Worker:
             # Stopping here (rather than waiting in a collective the others never join) lets Ray
             # Train tear the group down instead of hanging.
             raise RuntimeError(f"worker {self.rank} received {steps} batches, planned {steps_per_epoch}")
-        train_loss, train_correct, train_count = self.steps.sum_across_workers(local_sums)
+        train_sums = self.steps.sum_across_workers(local_sums)
+        train_count = train_sums[-1]
         train_seconds = time.perf_counter() - epoch_started
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
-            "loss": float(train_loss / train_count),
-            "accuracy": float(train_correct / train_count),
+            **epoch_metrics(train_sums, self.plan.multilabel),
             "learning_rate": float(self.learning_rate),
             "images_per_second": float(train_count / train_seconds),
             "train_images": int(train_count),
@@ -259,13 +263,58 @@ class Worker:
         return metrics
 
     def validate(self) -> dict[str, float]:
+        from imgcls.training.steps import epoch_metrics
+
         if self.validation is None:
             return {}
-        sums = np.zeros(3, dtype=np.float64)
+        sums = np.zeros(self.steps.sum_width, dtype=np.float64)
         for batch in self.validation.batches():
             sums += self.steps.eval(batch["image"], batch["label"])
-        loss, correct, count = self.steps.sum_across_workers(sums)
-        return {"val_loss": float(loss / max(count, 1.0)), "val_accuracy": float(correct / max(count, 1.0))}
+        return epoch_metrics(self.steps.sum_across_workers(sums), self.plan.multilabel, prefix="val_")
+
+    def validation_predictions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every worker's validation probabilities and 0/1 targets, gathered so that each worker
+        holds the whole split (the shards differ in size, so each is padded to the largest)."""
+        num_classes = len(self.plan.class_names)
+        probabilities, targets = [np.zeros((0, num_classes))], [np.zeros((0, num_classes))]
+        for batch in self.validation.batches():
+            probabilities.append(self.steps.predict(batch["image"]))
+            targets.append(np.asarray(batch["label"], dtype=np.float64))
+        local = np.concatenate([np.concatenate(probabilities), np.concatenate(targets)], axis=1)
+        sizes = self.steps.gather_across_workers(np.array([len(local)], dtype=np.float64)).astype(int)
+        padded = np.zeros((max(int(sizes.max()), 1), 2 * num_classes))
+        padded[: len(local)] = local
+        gathered = self.steps.gather_across_workers(padded).reshape(len(sizes), len(padded), 2 * num_classes)
+        rows = np.concatenate([gathered[worker, :size] for worker, size in enumerate(sizes)])
+        return rows[:, :num_classes], rows[:, num_classes:]
+
+    def choose_thresholds(self, metrics: dict[str, Any]) -> str:
+        """Multi-label, once training has ended: per-class thresholds maximising each class's F1 on
+        the whole validation split, with the final (or restored best) weights; into `metrics`.
+        Returns the log line that says what was chosen."""
+        from imgcls.training import thresholds as rules
+
+        names = self.plan.class_names
+        if self.validation is None:
+            metrics["thresholds"] = [rules.DEFAULT_THRESHOLD] * len(names)
+            self.state.threshold_metrics = {"thresholds": metrics["thresholds"]}
+            return f"no validation split: every class keeps the decision threshold {rules.DEFAULT_THRESHOLD:g}"
+        probabilities, targets = self.validation_predictions()
+        chosen, class_f1 = rules.choose_thresholds(probabilities, targets)
+        metrics["thresholds"] = [round(value, 6) for value in chosen]
+        metrics["val_micro_f1_default_threshold"] = rules.micro_f1(probabilities, targets, rules.DEFAULT_THRESHOLD)
+        metrics["val_micro_f1_at_thresholds"] = rules.micro_f1(probabilities, targets, metrics["thresholds"])
+        metrics["val_exact_match_at_thresholds"] = rules.exact_match(probabilities, targets, metrics["thresholds"])
+        metrics["val_class_f1_at_thresholds"] = [round(value, 6) for value in class_f1]
+        metrics["val_images_for_thresholds"] = len(targets)
+        # Kept in the checkpoint too: a rerun of a finished run writes the artifact from it.
+        self.state.threshold_metrics = {key: value for key, value in metrics.items() if "threshold" in key}
+        return (
+            f"thresholds chosen on {len(targets)} validation images (max F1 per class): "
+            + ", ".join(f"{name} {value:.3f}" for name, value in zip(names, metrics["thresholds"]))
+            + f"; val micro_f1 {metrics['val_micro_f1_default_threshold']:.4f} at 0.5, "
+            f"{metrics['val_micro_f1_at_thresholds']:.4f} at these"
+        )
 
     def _finish_epoch(self, metrics: dict[str, Any]) -> None:
         """Early stopping's weight restore, the replicas' checksums at the end, and the epoch's log line."""
@@ -273,6 +322,7 @@ class Worker:
         if state.stopped_early and early.restore_best_weights and state.best_weights is not None:
             self.model.set_weights(state.best_weights)
             metrics["restored_epoch"] = state.stopper.best_epoch
+        thresholds_line = self.choose_thresholds(metrics) if state.finished and self.plan.multilabel else None
         if state.finished:
             checksum = float(sum(np.asarray(variable.numpy(), dtype=np.float64).sum() for variable in self.model.weights))
             metrics["weights_checksums"] = [float(value) for value in self.steps.gather_across_workers([checksum])]
@@ -285,6 +335,8 @@ class Worker:
                     f"restored the weights of epoch {state.stopper.best_epoch}" if "restored_epoch" in metrics
                     else "keeping the last weights",
                 )  # fmt: skip
+            if thresholds_line:  # chosen with the weights the model ends with
+                logger.info(thresholds_line)
 
     def _eta(self, epochs_done: int) -> float:
         done = epochs_done - self.first_epoch
@@ -331,20 +383,24 @@ class Worker:
         from imgcls.modeling.artifact import save_artifact
 
         final = {key: value for key, value in metrics.items() if not key.startswith("_")}
+        fields = {**self.plan.artifact_fields, "metrics": final}
+        if self.plan.multilabel:
+            fields["thresholds"] = final["thresholds"]
         metadata = save_artifact(
-            self.model, {**self.plan.artifact_fields, "metrics": final}, self.plan.artifact_uri,
+            self.model, fields, self.plan.artifact_uri,
             self.plan.config.storage.endpoint_url,
         )  # fmt: skip
         return metadata.model_version
 
 
 def epoch_line(metrics: dict[str, Any], total_epochs: int, eta_seconds: float) -> str:
-    """The one log line per epoch a person reads."""
+    """The one log line per epoch a person reads (micro_f1 instead of accuracy for multi-label)."""
+    score = "micro_f1" if "micro_f1" in metrics else "accuracy"
     validation = (
-        f" val_loss {metrics['val_loss']:.4f} val_accuracy {metrics['val_accuracy']:.4f}" if "val_loss" in metrics else ""
+        f" val_loss {metrics['val_loss']:.4f} val_{score} {metrics[f'val_{score}']:.4f}" if "val_loss" in metrics else ""
     )
     return (
-        f"epoch {metrics['epoch']}/{total_epochs} loss {metrics['loss']:.4f} accuracy {metrics['accuracy']:.4f}"
+        f"epoch {metrics['epoch']}/{total_epochs} loss {metrics['loss']:.4f} {score} {metrics[score]:.4f}"
         f"{validation} lr {metrics['learning_rate']:.3g} images/s {metrics['images_per_second']:.0f} "
         f"eta {format_seconds(eta_seconds)}"
     )
