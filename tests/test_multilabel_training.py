@@ -320,3 +320,49 @@ def test_warm_start_builds_a_new_head_across_tasks_and_keeps_it_within(tmp_path)
         weights = prepare_initial_weights(config, CLASSES, multilabel=True)
         head_kernel = weights[-2]  # Dense(3, sigmoid): kernel, bias last
         assert np.array_equal(head_kernel, source_head[0]) == head_kept
+
+
+def test_the_trained_model_predicts_evaluates_and_exports_end_to_end(multilabel_run, multilabel_data, tmp_path):
+    """The trained artifact through the real CLI: predict writes the `labels` column at the stored
+    thresholds, evaluate's metrics equal scikit-learn's on the same probabilities, and the exported
+    ONNX model gives the same per-class sigmoids."""
+    import keras
+    import pyarrow.parquet as pq
+    from sklearn.metrics import average_precision_score, f1_score, hamming_loss
+
+    from imgcls import cli
+
+    model_uri = str(multilabel_run / "model")
+    _, holdout_manifest = multilabel_data
+    metadata = json.loads((multilabel_run / "model" / "metadata.json").read_text())
+    thresholds = np.array(metadata["thresholds"])
+    model = keras.saving.load_model(multilabel_run / "model" / "model.keras", compile=False, safe_mode=True)
+    holdout = list_labelled(str(holdout_manifest))
+    holdout.class_names = CLASSES
+    images = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in holdout.paths]).astype(np.float32)
+    probabilities = model.predict(images, verbose=0)
+
+    predictions = tmp_path / "predictions"
+    assert cli.main(["predict", "--model", model_uri, "--input", str(holdout_manifest), "--output", str(predictions),
+                     "--top-k", "3"]) == 0  # fmt: skip
+    table = pq.read_table(predictions).sort_by("path")
+    assert table.column_names[-1] == "labels" and table.num_rows == len(holdout.paths)
+    by_path = dict(zip(holdout.paths, probabilities))
+    for path, labels, top_scores in zip(table.column("path").to_pylist(), table.column("labels").to_pylist(),
+                                        table.column("top_k_scores").to_pylist()):  # fmt: skip
+        expected = [name for name, value, threshold in zip(CLASSES, by_path[path], thresholds) if value >= threshold]
+        assert labels == expected
+        np.testing.assert_allclose(sorted(top_scores, reverse=True), sorted(by_path[path], reverse=True), atol=1e-5)
+
+    evaluation = tmp_path / "evaluation"
+    assert cli.main(["evaluate", "--model", model_uri, "--data", str(holdout_manifest), "--output", str(evaluation)]) == 0
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    truth = holdout.label_matrix().astype(int)
+    predicted = (probabilities >= thresholds).astype(int)
+    assert metrics["micro_avg"]["f1"] == pytest.approx(f1_score(truth, predicted, average="micro"), abs=1e-6)
+    assert metrics["macro_avg"]["f1"] == pytest.approx(f1_score(truth, predicted, average="macro", zero_division=0), abs=1e-6)
+    assert metrics["hamming_loss"] == pytest.approx(hamming_loss(truth, predicted), abs=1e-6)
+    for column, name in enumerate(CLASSES):
+        expected_ap = average_precision_score(truth[:, column], probabilities[:, column])
+        assert metrics["per_class"][name]["average_precision"] == pytest.approx(expected_ap, abs=1e-5)
+    assert metrics["micro_avg"]["f1"] >= 0.8
