@@ -34,7 +34,8 @@ PREDICTION_SCHEMA = pa.schema(
 
 
 def class_probabilities(raw_outputs: np.ndarray, task: str) -> np.ndarray:
-    """The model's outputs as one probability per class (a sigmoid unit becomes [1 - p, p])."""
+    """The model's outputs as one probability per class (a sigmoid unit becomes [1 - p, p]; a
+    multi-label model's sigmoids are already one independent probability per class)."""
     raw_outputs = np.asarray(raw_outputs, dtype=np.float32)
     if task == "binary":
         positive = raw_outputs.reshape(-1)

@@ -20,11 +20,21 @@ from imgcls.platform import storage
 MODEL_FILE = "model.keras"
 
 
-def task_for(num_classes: int) -> str:
-    """Two classes use one sigmoid unit (the tutorial's); more use a softmax over K units."""
+def task_for(num_classes: int, multilabel: bool = False) -> str:
+    """Two classes use one sigmoid unit (the tutorial's); more use a softmax over K units.
+    Multi-label models have one sigmoid unit per class, whatever their number."""
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if multilabel:
+        return "multilabel"
     return "binary" if num_classes == 2 else "multiclass"
+
+
+def output_width(task: str, num_classes: int) -> int:
+    """Units of the model's output layer: one sigmoid for binary, one per class otherwise."""
+    return 1 if task == "binary" else num_classes
+
+
 METADATA_FILE = "metadata.json"
 # Validation problems listed in one message at most; the rest are counted.
 LISTED_PROBLEMS = 5
@@ -48,7 +58,15 @@ class ArtifactMetadata(BaseModel):
     class_names: list[str] = Field(description="Label names; index i is the model's output i.")
     image_size: tuple[int, int] = Field(description="[height, width] the model expects.")
     channels: int = Field(description="1 (greyscale) or 3 (RGB).")
-    task: Literal["binary", "multiclass"]
+    task: Literal["binary", "multiclass", "multilabel"] = Field(
+        description="binary: one sigmoid unit for class_names[1]; multiclass: a softmax over the classes; "
+        "multilabel: a sigmoid per class, each image carrying any number of them."
+    )
+    thresholds: list[float] | None = Field(
+        default=None,
+        description="multilabel: per-class decision thresholds in class order (a class is predicted when its "
+        "probability is at least its threshold), chosen on the validation split to maximise each class's F1.",
+    )
     model_name: str
     metrics: dict[str, Any] = Field(default_factory=dict, description="Final training and validation metrics.")
     config: dict[str, Any] = Field(default_factory=dict, description="The resolved training config.")
@@ -87,9 +105,20 @@ class ArtifactMetadata(BaseModel):
         count = len(self.class_names)
         if self.task == "binary" and count != 2:
             raise ValueError(f"task: binary needs exactly 2 class names, got {count}")
-        if self.task == "multiclass" and count < 2:
-            raise ValueError(f"task: multiclass needs at least 2 class names, got {count}")
+        if self.task in ("multiclass", "multilabel") and count < 2:
+            raise ValueError(f"task: {self.task} needs at least 2 class names, got {count}")
+        if self.thresholds is not None:
+            if self.task != "multilabel":
+                raise ValueError(f"thresholds apply to task multilabel only, not {self.task}")
+            if len(self.thresholds) != count:
+                raise ValueError(f"thresholds: one per class name needed ({count}), got {len(self.thresholds)}")
+            if not all(0.0 <= value <= 1.0 for value in self.thresholds):
+                raise ValueError(f"thresholds must each be between 0 and 1, got {_quoted(self.thresholds)}")
         return self
+
+    def decision_thresholds(self) -> list[float]:
+        """The per-class thresholds of a multi-label model (0.5 each where training stored none)."""
+        return list(self.thresholds) if self.thresholds is not None else [0.5] * len(self.class_names)
 
 
 def make_model_version(model_bytes: bytes, created_at: datetime) -> str:
@@ -222,9 +251,11 @@ def check_model_fits_metadata(model, metadata: ArtifactMetadata, artifact_uri: s
         )
     output_shape = tuple(outputs[0].shape)
     classes = len(metadata.class_names)
-    width = 1 if metadata.task == "binary" else classes
+    width = output_width(metadata.task, classes)
     if len(output_shape) != 2 or output_shape[1] != width:
-        meaning = "one sigmoid score" if metadata.task == "binary" else "one score per class name"
+        meaning = {"binary": "one sigmoid score", "multilabel": "one sigmoid score per class name"}.get(
+            metadata.task, "one score per class name"
+        )
         raise UserError(
             f"{where} gives output of shape {_shape_text(output_shape)}, but its {METADATA_FILE} says task "
             f"{metadata.task} with {classes} class names, which needs (None, {width}): {meaning}."
