@@ -159,7 +159,7 @@ def _export(arguments: argparse.Namespace) -> None:
     difference = "not checked" if summary.max_difference is None else f"{summary.max_difference:.1e}"
     print(
         f"exported model {summary.model_version} as {summary.format} ({len(summary.files)} files, "
-        f"{summary.size_bytes / 1e6:.1f} MB, max |difference| vs keras {difference}) -> {summary.output_uri}"
+        f"{summary.size_bytes / 1e6:.2f} MB, max |difference| vs keras {difference}) -> {summary.output_uri}"
     )
 
 

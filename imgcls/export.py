@@ -68,7 +68,7 @@ def run(config: ExportConfig) -> ExportSummary:
     seconds = time.perf_counter() - started
     shown_difference = "not checked" if max_difference is None else f"{max_difference:.1e}"
     logger.info(
-        "exported %s to %s: %.1f MB, %.1f s, max |difference| vs keras %s",
+        "exported %s to %s: %.2f MB, %.1f s, max |difference| vs keras %s",
         config.format, output.uri, size_bytes / 1e6, seconds, shown_difference,
     )  # fmt: skip
     return ExportSummary(

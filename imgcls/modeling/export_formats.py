@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 # The file each format's runtime opens (for saved_model, the folder holding it).
 MODEL_FILES = {"saved_model": "saved_model.pb", "onnx": "model.onnx", "litert": "model.tflite"}
 # Python modules of the export extra each format needs, for its conversion or its runtime check.
-EXTRA_MODULES = {"saved_model": (), "onnx": ("tf2onnx", "onnx", "onnxruntime"), "litert": ("ai_edge_litert",)}
+# The lightest first: tf2onnx starts TensorFlow.
+EXTRA_MODULES = {"saved_model": (), "onnx": ("onnxruntime", "onnx", "tf2onnx"), "litert": ("ai_edge_litert",)}
 # Distributions whose versions an export records, per format.
 VERSIONED_PACKAGES = {
     "saved_model": ("keras", "tensorflow"),

@@ -29,7 +29,7 @@ def exported_probabilities(export_format: str, directory: Path, images: np.ndarr
     if export_format == "litert":
         from ai_edge_litert.interpreter import Interpreter
 
-        with native_output_held():  # the interpreter announces its XNNPACK delegate on stderr
+        with native_output_held():  # the interpreter announces its XNNPACK delegate on stderr when it first runs
             runner = Interpreter(model_path=str(directory / MODEL_FILES["litert"])).get_signature_runner("serving_default")
-        return runner(**{INPUT_NAME: images})[OUTPUT_NAME]
+            return runner(**{INPUT_NAME: images})[OUTPUT_NAME]
     raise ValueError(f"unknown export format {export_format!r}")
