@@ -1,5 +1,6 @@
-"""Writing the serving graph in each export format with Keras' own `model.export`, and turning a
-converter's refusal into one paragraph that names the layer and the format.
+"""Writing the serving graph in each export format with Keras' own export (`model.export`, and its
+ExportArchive for the SavedModel), and turning a converter's refusal into one paragraph that names
+the layer and the format.
 
     saved_model  a TensorFlow SavedModel whose `serving_default` signature TF Serving calls
     onnx         one model.onnx (tf2onnx), checked for operators ONNX does not define
@@ -77,9 +78,25 @@ def write_format(serving: keras.Model, export_format: str, directory: Path) -> d
 
 
 def _write_saved_model(serving: keras.Model, directory: Path) -> dict[str, object]:
-    # Keras registers the model's call as endpoint `serve` and, as TF Serving needs, `serving_default`.
+    """Keras' ExportArchive with one endpoint, `serve`, which it also registers as the
+    `serving_default` signature TF Serving calls. Not `model.export()`: that tracks the model too, and
+    Keras 3.15 then stores every weight twice (the Keras variables and the tf.Variables the endpoint
+    captured, keras-team/keras#23553): twice the size on disk and twice the memory in TF Serving. The
+    endpoint's own variables, BatchNorm statistics included, are all a serving graph needs."""
+    import keras
+    import tensorflow as tf
+
+    from imgcls.modeling.serving import INPUT_NAME
+
+    image_shape = [None, *serving.inputs[0].shape[1:]]
+
+    def serve(image):
+        return serving(image, training=False)
+
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint("serve", serve, input_signature=[tf.TensorSpec(image_shape, tf.float32, name=INPUT_NAME)])
     with native_output_held():
-        serving.export(str(directory), format="tf_saved_model", verbose=False)
+        archive.write_out(str(directory), verbose=False)
     return {"signature": "serving_default"}
 
 
