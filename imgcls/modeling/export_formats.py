@@ -170,6 +170,47 @@ def _unexportable(export_format: str, serving: keras.Model, text: str, error: Ex
     )
 
 
+def runtime_refusal(export_format: str, serving: keras.Model, directory: Path, error: Exception) -> ExportError:
+    """The format's own runtime refusing the converted file (onnxruntime has no kernel for what a
+    valid ONNX operator was given, e.g. a cubic Resize over NHWC axes) as one paragraph naming the
+    layer: the converted node the runtime names, else the layer whose TensorFlow op the operator
+    it names came from."""
+    text = str(error)
+    # onnxruntime's messages end with the innermost reason after its last "FAIL : ".
+    innermost = " ".join(text.rsplit("FAIL : ", 1)[-1].split()) or type(error).__name__
+    detail = clip(re.sub(r"^\S+\.(?:h|cc):\d+ ", "", innermost), 160)
+    node_names = [first or second for first, second in re.findall(r"Name:'([^']+)'|In Node, \(\"([^\"]+)\"", text)]
+    operator_type = next((part for found in re.findall(r"in the (\w+) operator|running (\w+) node", text)
+                          for part in found if part), None)  # fmt: skip
+    layer = next((found for found in map(lambda name: layer_for_node(serving, name), node_names) if found), None)
+    source_op = None
+    if layer is None and operator_type:
+        layer, source_op = _layer_with_op_like(serving, operator_type)
+    runtime = {"saved_model": "TensorFlow", "onnx": "onnxruntime", "litert": "the LiteRT interpreter"}[export_format]
+    if operator_type:
+        made_of = f" made of the TensorFlow op {source_op}" if source_op else ""
+        reason = f"{runtime} cannot run the {operator_type} operator{made_of} ({detail})"
+    else:
+        reason = f"{runtime} cannot run the converted model ({detail})"
+    return ExportError(_unexportable_message(export_format, layer, reason, []))
+
+
+def _layer_with_op_like(serving: keras.Model, operator_type: str):
+    """(layer, TensorFlow op type) of the first op in `serving`'s graph whose type begins like the
+    runtime's operator (an ONNX Resize comes from ResizeBilinear, ResizeBicubic ...), or (None, None):
+    converters may rename the nodes they rewrite, so the op type is what is left to go by."""
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *serving.inputs[0].shape[1:]], tf.float32)
+    graph = tf.function(lambda image: serving(image, training=False)).get_concrete_function(spec).graph
+    for operation in graph.get_operations():
+        if operation.type.lower().startswith(operator_type.lower()):
+            layer = layer_for_node(serving, operation.name)
+            if layer is not None:
+                return layer, operation.type
+    return None, None
+
+
 def _unexportable_message(export_format: str, layer, reason: str, operators: list[str]) -> str:
     what = f"layer {layer.name} ({type(layer).__name__})" if layer is not None else "an operation of this model"
     others = sorted(set(operators[1:]) - set(operators[:1]))
