@@ -45,6 +45,7 @@ bench: data
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/read_throughput.py
 	$(BIN)/python bench/predict_throughput.py
+	$(BIN)/python bench/export_time.py
 
 clean:
 	rm -rf runs bench/results .pytest_cache
