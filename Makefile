@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# pip byte-compiles every installed file on one core; these machines set PYTHONDONTWRITEBYTECODE,
 	# so that is the only bytecode cache there is. compileall does the same on every core.
-	$(BIN)/python -m pip install --quiet --progress-bar off --no-compile -e '.[dev,plots]'
+	$(BIN)/python -m pip install --quiet --progress-bar off --no-compile -e '.[dev,plots,export]'
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib
 	touch $(STAMP)
 
@@ -57,6 +57,7 @@ bench: data
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/read_throughput.py
 	$(BIN)/python bench/predict_throughput.py
+	$(BIN)/python bench/export_time.py
 
 clean:
 	rm -rf runs bench/results .pytest_cache

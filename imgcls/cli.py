@@ -1,4 +1,4 @@
-"""One command-line front for every job: `imgcls train|predict|evaluate|tune`.
+"""One command-line front for every job: `imgcls train|predict|evaluate|tune|export`.
 
 Exit codes a scheduler can alert on: 0 success, 2 user error (message, no traceback), 1 a failed run
 (a cluster or storage fault, a stall: one paragraph) or an internal failure (a traceback).
@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune = verbs.add_parser("tune", help="Search hyperparameters with Ray Tune; writes best_config.yaml and its model.")
     tune.add_argument("--config", required=True, help="YAML job config with a `tune:` section (see README).")
     _add_set_option(tune)
+
+    export = verbs.add_parser("export", help="Export a model artifact for serving: SavedModel, ONNX or LiteRT.")
+    export.add_argument("--model", required=True, help="Model artifact directory (a training run's output_dir/model).")
+    # Not argparse choices: a wrong format is a user error of exit 2 with the config's own message.
+    export.add_argument("--format", required=True, help="saved_model, onnx or litert.")
+    export.add_argument("--output", required=True, help="Folder for the exported model, labels.txt and metadata.json.")
+    _add_set_option(export)
     return parser
 
 
@@ -149,11 +156,28 @@ def _tune(arguments: argparse.Namespace) -> None:
     )
 
 
+def _export(arguments: argparse.Namespace) -> None:
+    from imgcls import export
+    from imgcls.config import ExportConfig, build_model, merge, parse_overrides
+
+    values = merge(
+        {"model": arguments.model, "format": arguments.format, "output": arguments.output},
+        parse_overrides(arguments.overrides),
+    )
+    summary = export.run(build_model(ExportConfig, values, "export arguments"))
+    difference = "not checked" if summary.max_difference is None else f"{summary.max_difference:.1e}"
+    print(
+        f"exported model {summary.model_version} as {summary.format} ({len(summary.files)} files, "
+        f"{summary.size_bytes / 1e6:.2f} MB, max |difference| vs keras {difference}) -> {summary.output_uri}"
+    )
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": _train,
     "predict": _predict,
     "evaluate": _evaluate,
     "tune": _tune,
+    "export": _export,
 }
 
 

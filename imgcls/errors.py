@@ -82,6 +82,11 @@ class OutputBusyError(UserError):
     """Another run holds the output's lease."""
 
 
+class ExportError(UserError):
+    """The model cannot be exported as asked: a layer the format cannot express, an export that does not
+    reproduce the model, or the export extra (`pip install imgcls[export]`) not installed."""
+
+
 # How a traceback's last line names one of our errors, e.g. "imgcls.errors.UserError: No model.keras ...".
 _ERROR_LINE = re.compile(r"^imgcls\.errors\.(\w+): (.+)$", re.MULTILINE)
 

@@ -4,6 +4,7 @@
     training    the training job (`jobs/train.py --config`)
     tuning      its `tune:` section
     inference   predict and evaluate (the settings they share written once)
+    export      the export job (an artifact to saved_model, onnx or litert)
     overrides   bounded YAML reading, `--set` overrides, readable validation errors
 
 The names below are the package's interface. Nothing here imports TensorFlow or Ray.
@@ -22,6 +23,7 @@ from imgcls.config.common import (
     normalised_uri,
     uri_contains,
 )  # fmt: skip
+from imgcls.config.export import EXPORT_FORMATS, ExportConfig, ExportFormat
 from imgcls.config.inference import EvaluateConfig, InferenceSettings, Placement, PredictConfig, pool_settings
 from imgcls.config.overrides import (
     MAX_CONFIG_BYTES,
@@ -58,4 +60,5 @@ __all__ = [
     "ScheduleConfig", "StorageConfig", "StrictModel", "TrainConfig", "TuneSettings", "build_model", "config_to_yaml",
     "format_validation_error", "load_job_config", "merge", "metric_mode", "normalised_uri", "parse_overrides",
     "pool_settings", "read_yaml_mapping", "set_dotted", "uri_contains",
+    "EXPORT_FORMATS", "ExportConfig", "ExportFormat",
 ]  # fmt: skip

@@ -157,3 +157,27 @@ def worker_environment() -> dict[str, str]:
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0" if verbose() else "2"),
         LOG_LEVEL_VARIABLE: os.environ.get(LOG_LEVEL_VARIABLE, ""),
     }
+
+
+@contextmanager
+def native_output_held() -> Iterator[list[str]]:
+    """For a converter that writes pages of its own diagnostics to the process's stderr (TensorFlow's
+    MLIR dumps, tf2onnx's warnings): hold file descriptor 2 meanwhile and drop what was written; the
+    caller's list receives the text, so a failure can still be explained. Nothing of imgcls's own may
+    be logged inside. Verbose: nothing is held."""
+    held_text: list[str] = []
+    if verbose():
+        yield held_text
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield held_text
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            held_text.append(held.read().decode(errors="replace"))
