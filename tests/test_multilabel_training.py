@@ -366,3 +366,13 @@ def test_the_trained_model_predicts_evaluates_and_exports_end_to_end(multilabel_
         expected_ap = average_precision_score(truth[:, column], probabilities[:, column])
         assert metrics["per_class"][name]["average_precision"] == pytest.approx(expected_ap, abs=1e-5)
     assert metrics["micro_avg"]["f1"] >= 0.8
+
+    exported = tmp_path / "onnx"
+    assert cli.main(["export", "--model", model_uri, "--format", "onnx", "--output", str(exported)]) == 0
+    import onnxruntime
+
+    assert (exported / "labels.txt").read_text().split() == CLASSES
+    session = onnxruntime.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    [onnx_probabilities] = session.run(["probabilities"], {"image": images})
+    assert onnx_probabilities.shape == (len(images), len(CLASSES))  # a sigmoid per class, not a softmax
+    np.testing.assert_allclose(onnx_probabilities, probabilities, atol=1e-4)
