@@ -97,6 +97,11 @@ def visible_paths(output: Path) -> list[str]:
     return pads.dataset(str(output), format="parquet").to_table(columns=["path"]).column("path").to_pylist()
 
 
+# The pool's stall limit in the node-loss test: its actors start TensorFlow within it, also while
+# the suite's other process keeps the CPUs busy.
+STALL_S = 90
+
+
 def test_killing_a_model_actors_node_mid_run_finishes_on_the_rest_or_fails_within_the_stall_limit(
     cluster, tiny_artifact, tmp_path
 ):
@@ -110,7 +115,7 @@ def test_killing_a_model_actors_node_mid_run_finishes_on_the_rest_or_fails_withi
     command = [sys.executable, str(REPO_ROOT / "jobs" / "predict.py"), "--model", tiny_artifact, "--input", str(images),
                "--output", str(output), "--batch-size", "4", "--set", "decode_batch_size=16"]  # fmt: skip
     pooled = [*command, "--set", "placement=actor_pool", "--set", "num_actors=2", "--set", "actor_resources={model_node: 1}",
-              "--set", "commit_every_images=200", "--set", "stall_timeout_s=45"]  # fmt: skip
+              "--set", "commit_every_images=200", "--set", f"stall_timeout_s={STALL_S}"]  # fmt: skip
     run = subprocess.Popen(pooled, env={**environment, "RAY_ADDRESS": address}, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
@@ -119,7 +124,7 @@ def test_killing_a_model_actors_node_mid_run_finishes_on_the_rest_or_fails_withi
         time.sleep(0.05)
     victim.kill()
     killed_at = time.monotonic()
-    _, stderr = run.communicate(timeout=45 + 120)  # never a hang: the stall limit plus 2 minutes
+    _, stderr = run.communicate(timeout=STALL_S + 120)  # never a hang: the stall limit plus 2 minutes
     took = time.monotonic() - killed_at
     (record,) = run_records(output)
     committed = sum(chunk["rows"] for chunk in record["chunks"])
@@ -127,7 +132,7 @@ def test_killing_a_model_actors_node_mid_run_finishes_on_the_rest_or_fails_withi
         assert record["status"] == "succeeded" and committed == 2400, stderr[-3000:]
     else:
         assert run.returncode == 1, stderr[-3000:]
-        assert "failed: no progress for 45 s from the model actor pool" in stderr and "died" in stderr, stderr[-3000:]
+        assert f"failed: no progress for {STALL_S} s from the model actor pool" in stderr and "died" in stderr, stderr[-3000:]
         assert record["status"] == "failed" and "no progress" in record["error"]
     paths = visible_paths(output)
     assert len(paths) == committed and len(set(paths)) == committed  # whole chunks, each image once

@@ -49,16 +49,16 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard (on loopback only) serves Ray's state API, which Ray Train's placement-group
         # cleaner needs: without it, a trial that Ray Tune stops early leaks its workers' CPUs.
-        ray.init(
+        arguments = dict(
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            dashboard_port=_dashboard_port(),
             _node_ip_address="127.0.0.1",
             log_to_driver=True,
             runtime_env={"env_vars": worker_environment()},
             **quiet,
         )
+        _init_with_a_free_dashboard_port(arguments)
     _quiet_ray_data()
     logger.info("Ray's own logs: %s", session_logs())
 
@@ -101,11 +101,34 @@ def _check_same_dashboard(dashboard_url: str | None, jobs_address: str) -> None:
         raise ConnectionError(f"the Ray cluster found here serves its dashboard on port {joined}, not {wanted}")
 
 
+# Attempts at a local Ray whose dashboard lost its port to another process starting at the same moment.
+DASHBOARD_PORT_ATTEMPTS = 3
+
+
+def _init_with_a_free_dashboard_port(arguments: dict) -> None:
+    """ray.init on Ray's usual dashboard port when free, else on any free one. The port is probed
+    before Ray binds it, so two jobs starting together can both choose it; the one that loses the
+    race starts again on another port instead of failing."""
+    import ray
+
+    preferred = 8265
+    for attempt in range(1, DASHBOARD_PORT_ATTEMPTS + 1):
+        try:
+            ray.init(dashboard_port=_dashboard_port(preferred), **arguments)
+            return
+        except Exception as error:
+            if "dashboard" not in str(error) or "port" not in str(error) or attempt == DASHBOARD_PORT_ATTEMPTS:
+                raise
+            logger.info("the Ray dashboard's port was taken meanwhile (attempt %d); starting on another", attempt)
+            ray.shutdown()
+            preferred = 0  # any free port
+
+
 def _dashboard_port(preferred: int = 8265) -> int:
     """Ray's usual dashboard port, or any free one when another Ray on this machine holds it."""
     import socket
 
-    for port in (preferred, 0):
+    for port in dict.fromkeys((preferred, 0)):
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
