@@ -190,7 +190,9 @@ def earlier_export_files(output: storage.Location, export_format: str) -> list[s
             f"--output {output.uri} holds an imgcls {clip(str(earlier.get('format')), 40)} export; each format gets "
             f"a folder of its own: export {export_format} to another --output."
         )
-    written = [name for name in earlier.get("files", []) if isinstance(name, str)]
+    # Only names both listed by the earlier export and found in this folder: a metadata.json that
+    # lists `../elsewhere` must not make the new export delete a file outside it.
+    written = [name for name in earlier.get("files", []) if isinstance(name, str) and name in set(present)]
     foreign = [name for name in present if name not in set(written)]
     if foreign:
         raise UserError(

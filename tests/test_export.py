@@ -356,6 +356,14 @@ def test_a_re_export_replaces_its_own_files_only(artifacts, tmp_path, capsys):
     (output / "old_model.onnx").write_bytes(b"an earlier export's file")
     assert cli.main(["export", "--model", model_uri, "--format", "onnx", "--output", str(output)]) == 0
     assert sorted(path.name for path in output.iterdir()) == ["labels.txt", "metadata.json", "model.onnx"]
+    # A name the metadata lists outside the folder is never deleted (a tampered metadata.json).
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a user's file")
+    document = json.loads((output / "metadata.json").read_text())
+    document["export"]["files"].append("../outside.txt")
+    (output / "metadata.json").write_text(json.dumps(document))
+    assert cli.main(["export", "--model", model_uri, "--format", "onnx", "--output", str(output)]) == 0
+    assert outside.read_text() == "a user's file"
     # A file it did not write stops the next re-export.
     (output / "README").write_text("someone else's")
     assert cli.main(["export", "--model", model_uri, "--format", "onnx", "--output", str(output)]) == 2
