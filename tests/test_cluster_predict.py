@@ -117,6 +117,9 @@ def visible_paths(output: Path) -> list[str]:
 STALL_S = 90
 
 
+# Long: beside the suite's other process (pytest -n 2) on 2 cores, its pool's actors did not start
+# within even 90 s twice in a row; alone (make test-long) it takes about 90 s.
+@pytest.mark.long
 def test_killing_a_model_actors_node_mid_run_finishes_on_the_rest_or_fails_within_the_stall_limit(
     cluster, tiny_artifact, tmp_path
 ):
