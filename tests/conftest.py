@@ -189,3 +189,14 @@ def tiny_artifact(tmp_path_factory) -> str:
               "task": "binary", "model_name": "seed_cnn"}  # fmt: skip
     save_artifact(model, fields, uri)
     return uri
+
+
+@pytest.fixture(scope="module")
+def colour_artifact(tmp_path_factory) -> str:
+    """A multi-label artifact (tests/multilabel_factory.py): class k fires when colour channel k is
+    bright, with its stored per-class thresholds. Made once per module that uses it."""
+    from multilabel_factory import save_colour_artifact
+
+    uri = str(tmp_path_factory.mktemp("colour_artifact") / "model")
+    save_colour_artifact(uri)
+    return uri

@@ -11,7 +11,6 @@ from multilabel_factory import (
     CLASS_NAMES,
     THRESHOLDS,
     probabilities_from_keras,
-    save_colour_artifact,
     write_colour_images,
     write_labels_csv,
 )  # fmt: skip
@@ -25,13 +24,6 @@ from sklearn.metrics import (
 )  # fmt: skip
 
 from imgcls import cli
-
-
-@pytest.fixture(scope="module")
-def colour_artifact(tmp_path_factory) -> str:
-    uri = str(tmp_path_factory.mktemp("colour_artifact") / "model")
-    save_colour_artifact(uri)
-    return uri
 
 
 @pytest.fixture(scope="module")

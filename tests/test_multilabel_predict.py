@@ -12,7 +12,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import IMAGE_SIZE
-from multilabel_factory import CLASS_NAMES, THRESHOLDS, probabilities_from_keras, save_colour_artifact, write_colour_images
+from multilabel_factory import CLASS_NAMES, THRESHOLDS, probabilities_from_keras, write_colour_images
 from PIL import Image
 
 from imgcls import cli
@@ -23,13 +23,6 @@ PREVIOUS_COLUMNS = [
     ("path", pa.string()), ("label", pa.string()), ("score", pa.float32()), ("top_k_labels", pa.list_(pa.string())),
     ("top_k_scores", pa.list_(pa.float32())), ("model_version", pa.string()), ("error", pa.string()),
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def colour_artifact(tmp_path_factory) -> str:
-    uri = str(tmp_path_factory.mktemp("colour_artifact") / "model")
-    save_colour_artifact(uri)
-    return uri
 
 
 @pytest.fixture(scope="module")
