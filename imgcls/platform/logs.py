@@ -134,6 +134,20 @@ def native_chatter_filtered() -> Iterator[None]:
     if verbose():
         yield
         return
+    held_text: list[str] = []
+    try:
+        with _stderr_held(held_text):
+            yield
+    finally:
+        kept = [line for line in "".join(held_text).splitlines(keepends=True) if not NATIVE_CHATTER.search(line)]
+        if kept:
+            os.write(2, "".join(kept).encode())
+
+
+@contextmanager
+def _stderr_held(held_text: list[str]) -> Iterator[None]:
+    """File descriptor 2 redirected to a temporary file meanwhile; what was written there is appended
+    to `held_text` once the descriptor is back, however the block ends."""
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
@@ -145,10 +159,7 @@ def native_chatter_filtered() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             held.seek(0)
-            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
-                    if not NATIVE_CHATTER.search(line)]  # fmt: skip
-            if kept:
-                os.write(2, "".join(kept).encode())
+            held_text.append(held.read().decode(errors="replace"))
 
 
 def worker_environment() -> dict[str, str]:
@@ -169,15 +180,5 @@ def native_output_held() -> Iterator[list[str]]:
     if verbose():
         yield held_text
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield held_text
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            held_text.append(held.read().decode(errors="replace"))
+    with _stderr_held(held_text):
+        yield held_text
