@@ -73,6 +73,13 @@ def decode_image(data: bytes, image_size: tuple[int, int], channels: int, max_pi
     Anything Pillow can decode is used: EXIF orientation is applied, the first frame of an
     animation is taken, and every mode is converted to RGB or L.
     """
+    return decode_image_and_size(data, image_size, channels, max_pixels)[0]
+
+
+def decode_image_and_size(
+    data: bytes, image_size: tuple[int, int], channels: int, max_pixels: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode_image`, and the image's own (width, height) as stored (before orientation and resizing)."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     height, width = image_size
@@ -88,6 +95,7 @@ def decode_image(data: bytes, image_size: tuple[int, int], channels: int, max_pi
                 f"image of {image.width}x{image.height} pixels exceeds the limit of {max_pixels} pixels "
                 "(possible decompression bomb)"
             )
+        original_size = (image.width, image.height)
         if image.format == "JPEG":
             # DCT scaling decodes straight to a smaller size: several times faster for big photos.
             image.draft("RGB" if channels == 3 else "L", (width, height))
@@ -124,4 +132,4 @@ def decode_image(data: bytes, image_size: tuple[int, int], channels: int, max_pi
     pixels = np.asarray(image, dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[:, :, np.newaxis]
-    return pixels
+    return pixels, original_size

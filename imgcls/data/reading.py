@@ -4,13 +4,14 @@ Ray Data tasks alike."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 
 import numpy as np
 
 from imgcls.config import DEFAULT_MAX_IMAGE_BYTES, StorageConfig
-from imgcls.data.images import ImageDecodeError, decode_image
+from imgcls.data.images import ImageDecodeError, decode_image_and_size
 from imgcls.errors import StorageError, UserError
 from imgcls.platform import storage
 
@@ -58,11 +59,14 @@ def decode_batch(
     max_pixels: int,
     storage_config: StorageConfig | None = None,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    digests: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data UDF: read and decode every path in the batch; failures become an `error` string,
     except an endpoint that kept failing through the client's retries: that StorageError ends the run.
 
-    Every row gets an image of the same shape (zeros on error), so Arrow never sees ragged arrays.
+    Every row gets an image of the same shape (zeros on error), so Arrow never sees ragged arrays,
+    and the image's own `original_width` and `original_height` (0 on error). With `digests`, also
+    `content_digest`: a BLAKE2b digest of the file's bytes ("" when unread), to find exact duplicates.
     `storage_config` is the job's: its endpoint, and the retry settings this process then uses.
     """
     endpoint_url = None
@@ -73,6 +77,8 @@ def decode_batch(
     height, width = image_size
     images = np.zeros((len(paths), height, width, channels), dtype=np.uint8)
     errors = np.full(len(paths), "", dtype=object)
+    sizes = np.zeros((len(paths), 2), dtype=np.int32)
+    digest_column = np.full(len(paths), "", dtype=object)
     for row, payload in enumerate(_read_each(paths, endpoint_url, max_bytes)):
         if isinstance(payload, UnusablePathError):
             errors[row] = str(payload)
@@ -80,13 +86,19 @@ def decode_batch(
         if isinstance(payload, OSError):
             errors[row] = f"cannot read file: {_read_failure(payload)}"
             continue
+        if digests:
+            digest_column[row] = hashlib.blake2b(payload, digest_size=16).hexdigest()
         try:
-            images[row] = decode_image(payload, image_size, channels, max_pixels)
+            images[row], sizes[row] = decode_image_and_size(payload, image_size, channels, max_pixels)
         except ImageDecodeError as error:
             errors[row] = str(error)
     output = dict(batch)
     output["image"] = images
     output["error"] = errors.astype(str)
+    output["original_width"] = sizes[:, 0]
+    output["original_height"] = sizes[:, 1]
+    if digests:
+        output["content_digest"] = digest_column.astype(str)
     return output
 
 
