@@ -1,7 +1,8 @@
 """One command-line front for every job: `imgcls train|predict|evaluate|tune|export`.
 
 Exit codes a scheduler can alert on: 0 success, 2 user error (message, no traceback), 1 a failed run
-(a cluster or storage fault, a stall: one paragraph) or an internal failure (a traceback).
+(a cluster or storage fault, a stall: one paragraph) or an internal failure (a traceback), 3 a bulk
+run that committed its rows but whose drift test flagged it (`predict --fail-on-drift`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from imgcls.errors import JobFailedError, UserError, clip
+from imgcls.errors import DriftDetectedError, JobFailedError, UserError, clip
 from imgcls.platform.logs import configure_logging, set_verbose, verbose
 
 logger = logging.getLogger("imgcls")
@@ -22,6 +23,7 @@ logger = logging.getLogger("imgcls")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
+EXIT_DRIFT = 3
 # Characters of a user error's message printed at most: each message bounds the input it quotes, and
 # this is the last guard should one not (stderr goes to logs and alerts).
 MAX_MESSAGE_CHARACTERS = 2_000
@@ -70,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Write into an output that holds files imgcls did not write; they are left alone (default: exit 2).",
     )
+    predict.add_argument(
+        "--review", type=int, default=None, metavar="N",
+        help="Also write the N least certain images to OUTPUT/_review/<run_id>.parquet.",
+    )  # fmt: skip
+    predict.add_argument(
+        "--review-folder", default=None, metavar="DIR",
+        help="Copy the review images into DIR/<predicted label>/ for labelling (needs --review).",
+    )  # fmt: skip
+    predict.add_argument(
+        "--fail-on-drift", action="store_true",
+        help="Exit 3 when the drift test flags the run (its rows are committed first).",
+    )  # fmt: skip
     _add_set_option(predict)
 
     evaluate = verbs.add_parser("evaluate", help="Measure a model on labelled images: metrics, figures, report.")
@@ -110,18 +124,23 @@ def _predict(arguments: argparse.Namespace) -> None:
     values = {"model": arguments.model, "input": arguments.input, "output": arguments.output}
     if arguments.top_k is not None:
         values["top_k"] = arguments.top_k
-    for option in ("batch_size", "min_score", "rows_per_file", "partition_by"):
+    for option in ("batch_size", "min_score", "rows_per_file", "partition_by", "review", "review_folder"):
         if getattr(arguments, option) is not None:
             values[option] = getattr(arguments, option)
-    for flag in ("overwrite", "allow_foreign_files"):
+    for flag in ("overwrite", "allow_foreign_files", "fail_on_drift"):
         if getattr(arguments, flag):
             values[flag] = True
     values = merge(values, parse_overrides(arguments.overrides))
-    summary = predict.run(build_model(PredictConfig, values, "predict arguments"))
+    config = build_model(PredictConfig, values, "predict arguments")
+    summary = predict.run(config)
+    drift = summary.drift
+    verdict = f"drift {drift.status}" + (f" (score {drift.score:.2f})" if drift and drift.score is not None else "") if drift else ""
     print(
         f"{summary.images_listed} images listed, {summary.already_done} already done, {summary.classified} classified, "
-        f"{summary.errored} errored, {summary.images_per_second} images/s -> {summary.output_uri}"
+        f"{summary.errored} errored, {summary.images_per_second} images/s, {verdict} -> {summary.output_uri}"
     )
+    if config.fail_on_drift and drift is not None and drift.detected:
+        raise DriftDetectedError(f"run {summary.run_id} committed, but its images drifted from the model's reference: {drift.message}")
 
 
 def _evaluate(arguments: argparse.Namespace) -> None:
@@ -192,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"imgcls {arguments.verb}: error: {clip(str(error), MAX_MESSAGE_CHARACTERS)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except DriftDetectedError as error:
+        print(f"imgcls {arguments.verb}: drift: {clip(str(error), MAX_MESSAGE_CHARACTERS)}", file=sys.stderr)
+        return EXIT_DRIFT
     except JobFailedError as error:
         print(f"imgcls {arguments.verb}: failed: {clip(str(error), MAX_MESSAGE_CHARACTERS)}", file=sys.stderr)
         return EXIT_FAILURE

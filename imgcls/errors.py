@@ -37,6 +37,11 @@ class JobStalledError(JobFailedError):
     """No image completed for the stall limit (`stall_timeout_s`)."""
 
 
+class DriftDetectedError(Exception):
+    """A bulk run that finished and committed its rows, but whose images do not look like the model's
+    validation images (with --fail-on-drift): exit 3, so a schedule can alert."""
+
+
 class ConfigError(UserError):
     """The configuration file or a `--set` override is invalid."""
 

@@ -19,6 +19,7 @@ from imgcls.inference.thresholds import resolve_thresholds, thresholds_by_class
 from imgcls.platform import output_runs, storage
 from imgcls.platform.output_runs import ChunkRecord, RunRecord
 from imgcls.platform.chunks import ChunkedTables
+from imgcls.monitoring.summaries import DriftReport, ReviewRecord
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class PredictSummary(BaseModel):
     seconds: float
     images_per_second: float
     files: list[str]
+    drift: DriftReport | None = None
+    review_file: str | None = None
 
 
 def _count_rows(files: list[str], endpoint_url: str | None) -> tuple[int, int]:
@@ -116,6 +119,7 @@ def _run_holding_lease(
     done = set() if config.overwrite else output_runs.done_paths(output, metadata.model_version, contents)
     todo = [path for path in listing.paths if path not in done]
     placement = choose_placement(len(todo), config)
+    monitor = _run_monitor(config, metadata)
     run = RunBook(output, RunRecord(
         run_id=run_id, status="running", input=config.input, output=output.uri, model=config.model,
         model_version=metadata.model_version, overwrite=config.overwrite, images_listed=len(listing.paths),
@@ -132,7 +136,7 @@ def _run_holding_lease(
     rows = errored = 0
     try:
         if todo:
-            _classify(config, metadata, thresholds, todo, output, run, placement, lease)
+            _classify(config, metadata, thresholds, todo, output, run, placement, lease, monitor)
             rows, errored = _count_rows(run.record.files, config.storage.endpoint_url)
             if rows != len(todo):
                 raise RuntimeError(f"wrote {rows} prediction rows for {len(todo)} images")
@@ -141,6 +145,8 @@ def _run_holding_lease(
             logger.info("--overwrite: removed %d earlier imgcls run(s)", removed)
         elif todo:
             superseded += output_runs.supersede_older_rows(output, metadata.model_version)
+        drift = monitor.drift()
+        review = _write_review(config, output, run_id, monitor, lease)
     except BaseException as error:
         output_runs.discard_own_staging(output, run_id)
         run.update(status="failed", error=f"{type(error).__name__}: {error}", finished=output_runs.now())
@@ -157,11 +163,16 @@ def _run_holding_lease(
         seconds=round(seconds, 3),
         images_per_second=round(rows / seconds, 1),
         files=[uri[len(output.uri) :].lstrip("/") for uri in run.record.files],
+        drift=drift,
+        review_file=review.file if review else None,
     )
+    monitoring = monitor.monitoring()
     run.update(
         status="succeeded", finished=output_runs.now(), classified=summary.classified, errored=errored,
         superseded_rows=superseded, seconds=summary.seconds, images_per_second=summary.images_per_second,
+        monitoring=monitoring, drift=drift, review=review,
     )  # fmt: skip
+    _log_monitoring(monitoring, drift)
     logger.info(
         "done: %d images listed, %d already done, %d classified, %d errored, %.1f images/s, output %s",
         summary.images_listed, summary.already_done, summary.classified, summary.errored,
@@ -192,11 +203,15 @@ def _classify(
     run: RunBook,
     placement: ModelPlacement,
     lease,
+    monitor,
 ) -> None:
     """Run the streaming pipeline for `paths` and commit its rows chunk by chunk (each only while this
-    run still holds the output's lease), adding each chunk to the run record as it is committed."""
+    run still holds the output's lease), adding each chunk to the run record as it is committed. The
+    monitor observes every row on the way (and takes its monitoring columns off)."""
     top_k = config.top_k or min(5, len(metadata.class_names))
-    predictions = prediction_batches(config, metadata, paths, top_k, config.min_score, placement, thresholds=thresholds)
+    predictions = monitor.watch(
+        prediction_batches(config, metadata, paths, top_k, config.min_score, placement, thresholds=thresholds)
+    )
     partition = None
     if config.partition_by == "run_date":
         partition = f"run_date={datetime.now(timezone.utc).strftime('%Y-%m-%d')}"
@@ -226,3 +241,51 @@ def _classify(
             committed = sum(chunk.rows for chunk in run.record.chunks)
             logger.info("committed chunk %d: %d rows (%d of %d images)", index, rows, committed, len(paths))
     output_runs.end_staging(output, staging)
+
+
+def _run_monitor(config: PredictConfig, metadata):
+    """The run's monitor, against the artifact's reference profile (None for an artifact without one)."""
+    from imgcls.monitoring.profile import read_profile
+    from imgcls.monitoring.run_monitor import RunMonitor
+
+    reference = read_profile(config.model, config.storage.endpoint_url) if config.monitoring else None
+    return RunMonitor(
+        metadata.class_names, reference, config.min_score, review_size=config.review,
+        ranked_by="entropy" if metadata.task == "multilabel" else "margin",
+        min_images=config.drift_min_images, false_alarm_rate=config.drift_false_alarm_rate, enabled=config.monitoring,
+    )  # fmt: skip
+
+
+def _write_review(config: PredictConfig, output, run_id: str, monitor, lease) -> ReviewRecord | None:
+    """The review queue, after the run's rows are committed: its Parquet file under output/_review/,
+    and with review_folder, copies of its images there."""
+    from imgcls.monitoring.review import copy_for_labelling, write_review
+
+    if monitor.review is None:
+        return None
+    table = monitor.review.table()
+    lease.verify()
+    record = ReviewRecord(file=write_review(output, run_id, table), rows=table.num_rows, ranked_by=monitor.review.ranked_by)
+    if config.review_folder:
+        copied, skipped = copy_for_labelling(table, config.review_folder, config.storage.endpoint_url, config.max_image_bytes)
+        record = record.model_copy(update={"copied_to": config.review_folder, "copied": copied, "copy_skipped": skipped})
+        logger.info("review: copied %d image(s) to %s (%d already there or unreadable)", copied, config.review_folder, skipped)
+    logger.info("review: the %d least certain image(s) (by %s) in %s", table.num_rows, record.ranked_by, record.file)
+    return record
+
+
+def _log_monitoring(monitoring, drift: DriftReport | None) -> None:
+    if monitoring is None or drift is None:
+        return
+    below = "" if monitoring.below_min_score_share is None else f", {100 * monitoring.below_min_score_share:.1f}% below min-score"
+    mean_score = "n/a" if monitoring.score.mean is None else f"{monitoring.score.mean:.3f}"
+    logger.info(
+        "monitoring: %d images, mean score %s%s, %.1f%% errored, %.2f s", monitoring.images, mean_score, below,
+        100 * monitoring.errored_share, monitoring.seconds,
+    )  # fmt: skip
+    if drift.status == "drift":
+        logger.warning("DRIFT: %s (score %.2f, threshold %g)", drift.message, drift.score, drift.threshold)
+    elif drift.status == "ok":
+        logger.info("drift: none (score %.2f, threshold %g)", drift.score, drift.threshold)
+    else:
+        logger.info("drift: not tested, %s", drift.message)

@@ -165,7 +165,9 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     from imgcls.modeling.initial_weights import prepare_initial_weights
     from imgcls.platform.ray_runtime import cluster_totals, ensure_ray, free_resources
     from imgcls.platform.resources import plan_training
+    from imgcls.monitoring.reference import profile_sample
     from imgcls.training.checkpoint import load_final_model, read_final_state
+    from imgcls.training.worker import artifact_profile_files
 
     started = time.time()
     storage.configure(config.storage)
@@ -179,6 +181,7 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     _check_resumable(output_dir, config)
     storage.write_text_atomic(output_dir.join("config.yaml"), config_to_yaml(config))
     class_names, train_images, val_images, multilabel = _list_data(config)
+    train_images, profile_images, profile_source = _profile_images(config, train_images, val_images)
     check_monitors(config, multilabel)
     if config.train.deterministic:  # decoded blocks, and so the shards, in the listing's seeded order
         import ray.data
@@ -204,6 +207,9 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     worker_plan = _worker_plan(config, class_names, train_split, val_split, resources, initial_weights, multilabel)
     worker_plan.artifact_uri = output_dir.join("model").uri
     worker_plan.artifact_fields = _artifact_fields(config, class_names, data_summary, multilabel)
+    if profile_images is not None:
+        worker_plan.profile_paths = profile_sample(profile_images.paths, config.seed)
+        worker_plan.profile_source = profile_source
     trainer = _trainer(config, worker_plan, resources, output_dir, callbacks)
     phases["data_s"] = time.time() - started - phases["ray_s"]
     fit_started = time.time()
@@ -229,8 +235,9 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
             # finished before this one resumed it never got there, so it comes from the checkpoint.
             model, _ = load_final_model(checkpoint_dir)
             model_version = _write_artifact(
-                config, model, class_names, final_metrics, data_summary, output_dir, multilabel
-            )
+                config, model, class_names, final_metrics, data_summary, output_dir, multilabel,
+                artifact_profile_files(model, worker_plan),
+            )  # fmt: skip
     fit_ended = time.time()
     write_history(output_dir, state["history"], config.train.tensorboard)
     artifact_uri = worker_plan.artifact_uri
@@ -445,10 +452,34 @@ def _artifact_fields(config: JobConfig, class_names: list[str], data_summary: di
 
 
 def _write_artifact(config: JobConfig, model, class_names: list[str], metrics: dict[str, Any], data_summary: dict[str, Any],
-                    output_dir: storage.Location, multilabel: bool = False) -> str:  # fmt: skip
+                    output_dir: storage.Location, multilabel: bool = False,
+                    extra_files: dict[str, bytes] | None = None) -> str:  # fmt: skip
     from imgcls.modeling.artifact import save_artifact
 
     fields = {**_artifact_fields(config, class_names, data_summary, multilabel), "metrics": metrics}
     if multilabel:
         fields["thresholds"] = metrics.get("thresholds") or [0.5] * len(class_names)
-    return save_artifact(model, fields, output_dir.join("model").uri, config.storage.endpoint_url).model_version
+    destination = output_dir.join("model").uri
+    return save_artifact(model, fields, destination, config.storage.endpoint_url, extra_files).model_version
+
+
+def _profile_images(config: JobConfig, train_images, val_images):
+    """The images of the artifact's reference profile: the validation split, or without one a
+    slice of train held out of training (data.profile_holdout_fraction). Returns (train images,
+    profile images or None, their source)."""
+    from imgcls.data import listing
+
+    if val_images is not None and val_images.paths:
+        return train_images, val_images, "validation"
+    fraction = config.data.profile_holdout_fraction
+    if fraction <= 0:
+        logger.info("no validation split and data.profile_holdout_fraction 0: the artifact gets no reference profile")
+        return train_images, None, "validation"
+    kept, held_out = listing.stratified_split(train_images, fraction, config.seed + 1)
+    if held_out is None or not held_out.paths:
+        return train_images, None, "validation"
+    logger.info(
+        "no validation split: %d of %d training images held out of training for the reference profile "
+        "(data.profile_holdout_fraction %g)", len(held_out.paths), len(train_images.paths), fraction,
+    )  # fmt: skip
+    return kept, held_out, "train_holdout"

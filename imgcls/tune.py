@@ -279,9 +279,13 @@ def _best_trial(trials: list[TrialSummary], mode: str) -> TrialSummary:
 
 def _copy_artifact(source: storage.Location, destination: storage.Location) -> None:
     from imgcls.modeling.artifact import METADATA_FILE, MODEL_FILE
+    from imgcls.monitoring.profile import PROFILE_ARRAYS, PROFILE_FILE
 
-    # metadata.json last: a folder with metadata.json is always a complete artifact.
-    for name in (MODEL_FILE, METADATA_FILE):
+    # metadata.json last: a folder with metadata.json is always a complete artifact. The reference
+    # profile goes with it where the trial wrote one.
+    for name in (MODEL_FILE, PROFILE_FILE, PROFILE_ARRAYS, METADATA_FILE):
+        if name in (PROFILE_FILE, PROFILE_ARRAYS) and not storage.exists(source.join(name)):
+            continue
         storage.write_bytes_atomic(destination.join(name), storage.read_bytes(source.join(name)))
 
 

@@ -21,6 +21,7 @@ from conftest import REPO_ROOT
 
 from imgcls import predict
 from imgcls.data import reading
+from imgcls.inference.predictor import decode_arguments
 from imgcls.modeling.artifact import load_artifact
 from imgcls.config import PredictConfig
 from imgcls.errors import DataError, UserError
@@ -215,7 +216,7 @@ def test_in_process_decoding_keeps_order_and_reads_ahead_a_bounded_number_of_blo
     monkeypatch.setattr(reading, "decode_batch", counted)
     monkeypatch.setattr(in_process, "IN_PROCESS_BLOCK_ROWS", 2)
     config = PredictConfig(model=result.artifact_uri, input=str(prediction_input), output="unused")
-    blocks = in_process.decoded_on_threads(config, metadata, paths, threads=2)
+    blocks = in_process.decoded_on_threads(paths, 2, decode_arguments(config, metadata))
     first = next(blocks)
     time.sleep(1.0)  # every block submitted so far has had time to run; none past the bound is submitted
     assert len(started) == 4  # two threads, two blocks ahead: 8 of the 21 images, not all of them
@@ -310,7 +311,8 @@ def test_staged_files_hold_at_most_rows_per_file_and_every_row_once(tmp_path):
         return pa.table({"path": paths, "label": ["a"] * count, "score": pa.array([0.5] * count, pa.float64()),
                          "top_k_labels": [["a"]] * count, "top_k_scores": [[0.5]] * count,
                          "model_version": ["v1"] * count, "error": [None] * count,
-                         "labels": [["a"]] * count})  # fmt: skip
+                         "labels": [["a"]] * count, "margin": pa.array([0.0] * count, pa.float64()),
+                         "entropy": pa.array([1.0] * count, pa.float64())})  # fmt: skip
 
     staging = storage.resolve(str(tmp_path / "staging"))
     written = output_runs.write_staged_files(

@@ -10,6 +10,7 @@ from conftest import tiny_job_overrides
 from imgcls import train
 from imgcls.modeling.artifact import read_metadata
 from imgcls.config import load_job_config
+from imgcls.monitoring.profile import read_profile
 
 
 def test_single_worker_learns_and_writes_the_artifact(trained_one_worker, pattern_dataset):
@@ -31,6 +32,11 @@ def test_single_worker_learns_and_writes_the_artifact(trained_one_worker, patter
     assert saved_config["train"]["epochs"] == 4
     assert pq.read_table(output_dir / "skipped_images.parquet").num_rows == 0
     assert json.loads((output_dir / "model" / "metadata.json").read_text())["metrics"]["epoch"] == 4
+    # The reference profile bulk runs are compared with: the 24 validation images, by the final model.
+    profile, arrays = read_profile(result.artifact_uri)
+    assert profile.source == "validation" and profile.images == 24 and sum(profile.class_counts) == 24
+    assert profile.class_names == ["horizontal", "vertical"] and profile.scalars["width"].quantiles.p50 == 16
+    assert arrays is not None and arrays.projection.shape == (128, 32)
 
 
 def test_two_workers_learn_and_keep_identical_weights(ray_session, pattern_dataset, tmp_path):
@@ -43,6 +49,7 @@ def test_two_workers_learn_and_keep_identical_weights(ray_session, pattern_datas
     checksums = result.metrics["weights_checksums"]
     assert len(checksums) == 2
     assert checksums[0] == checksums[1]
+    assert read_profile(result.artifact_uri)[0].images == 24  # rank 0 profiles the whole validation split
 
 
 def test_unreadable_training_images_are_skipped_and_listed(ray_session, pattern_dataset, tmp_path):

@@ -180,11 +180,62 @@ class PredictConfig(InferenceSettings):
         description="Reclassify every input and replace the earlier output. Default: skip images already in the "
         "output for this model_version, so a rerun only classifies new arrivals.",
     )
+    review: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Write the run's this many least certain images (smallest margin; multi-label: highest entropy), "
+        "with their top-k, to output/_review/<run_id>.parquet. 0: no review queue.",
+    )
+    review_folder: str | None = Field(
+        default=None,
+        description="Also copy the review queue's images into this folder (local or s3://), under a folder per "
+        "predicted label, for a person to sort and add to the training data. Existing files are never overwritten.",
+    )
+    monitoring: bool = Field(
+        default=True,
+        description="Summarise the run's images (class shares, score, margin, image statistics) and test them for "
+        "drift against the artifact's reference profile, into the run record. false: neither (margin and entropy "
+        "columns are still written).",
+    )
+    fail_on_drift: bool = Field(
+        default=False,
+        description="Exit 3 when the run's drift test flags it (after its rows are committed), so a schedule can alert.",
+    )
+    drift_min_images: int = Field(
+        default=100,
+        ge=10,
+        description="Runs with fewer readable images report drift status insufficient_images instead of a verdict.",
+    )
+    drift_false_alarm_rate: float = Field(
+        default=0.01,
+        gt=0,
+        le=0.2,
+        description="Probability that a run of images like the validation split's is flagged anyway (split over the "
+        "drift signals).",
+    )
+
+    @field_validator("review_folder")
+    @classmethod
+    def _review_folder_usable(cls, value: str | None) -> str | None:
+        return None if value is None else _usable_output(value)
 
     @model_validator(mode="after")
     def _paths_differ(self) -> "PredictConfig":
         if normalised_uri(self.input) == normalised_uri(self.output):
             raise ValueError("output must differ from input, or predictions would be mixed with the images")
+        if self.fail_on_drift and not self.monitoring:
+            raise ValueError("fail_on_drift needs monitoring: the drift test is part of it")
+        if self.review_folder is not None:
+            if self.review == 0:
+                raise ValueError("review_folder needs review > 0: the number of images to copy there (--review N)")
+            for name in ("input", "output"):
+                place = getattr(self, name)
+                if normalised_uri(self.review_folder) == normalised_uri(place) or uri_contains(place, self.review_folder):
+                    raise ValueError(
+                        f"review_folder ({clip(self.review_folder)}) must lie outside the {name} ({clip(place)}): "
+                        + ("the next run would classify the copies" if name == "input" else "the output is imgcls's own")
+                    )
         # Overwriting replaces the output folder: inside the input it would delete images, and around it
         # the run would classify (and then delete) its own earlier output.
         if self.overwrite and (uri_contains(self.input, self.output) or uri_contains(self.output, self.input)):

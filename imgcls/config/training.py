@@ -46,6 +46,14 @@ class DataConfig(StrictModel):
         description="Fraction of each class held out for validation when `data.val` is unset "
         "(0 disables validation). Rule of thumb: 0.1-0.2.",
     )
+    profile_holdout_fraction: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=0.5,
+        description="Without a validation split (val unset and val_fraction 0), the fraction of each class of `train` "
+        "held out of training for the model's reference profile, which bulk runs are compared with for drift "
+        "(0: no profile then). With a validation split, the profile is made on it instead.",
+    )
     image_size: tuple[int, int] = Field(
         default=(64, 64),
         description="[height, width] in pixels that every image is resized to before the model, each "

@@ -60,20 +60,18 @@ def batches_in_process(
         reserved_cpus(placement.reserved_cpus),
         tqdm(total=len(paths), unit="img", desc="classifying", disable=not on_terminal, mininterval=0.5) as progress,
     ):
-        for block in decoded_on_threads(config, metadata, paths, threads):
+        for block in decoded_on_threads(paths, threads, decode_arguments(config, metadata)):
             table = loading.result()(block)
             progress.update(table.num_rows)
             yield table
 
 
-def decoded_on_threads(
-    config: PredictConfig | EvaluateConfig, metadata, paths: list[str], threads: int
-) -> Iterator[dict[str, np.ndarray]]:
+def decoded_on_threads(paths: list[str], threads: int, arguments: dict) -> Iterator[dict[str, np.ndarray]]:
     """Decoded blocks of `paths`, in order, with the columns of the Ray Data decode tasks (path,
-    image, error). At most two blocks more than there are threads are decoded ahead, so memory stays flat."""
+    image, error, original sizes); `arguments` are `decode_batch`'s (see `decode_arguments`). At most
+    two blocks more than there are threads are decoded ahead, so memory stays flat."""
     from imgcls.data.reading import decode_batch
 
-    arguments = decode_arguments(config, metadata)
     pending: deque = deque()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgcls-decode") as pool:
         try:

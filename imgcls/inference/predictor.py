@@ -32,8 +32,15 @@ PREDICTION_SCHEMA = pa.schema(
         # Appended last, so readers that address columns by position keep working. Multi-label: every
         # class at or above its threshold; single-label: [label] ([] for `unknown`); null on error rows.
         pa.field("labels", pa.list_(pa.string())),
+        # Uncertainty (see imgcls.monitoring.observations): top-1 minus top-2 probability, and the
+        # entropy normalised to 0..1; null on error rows.
+        pa.field("margin", pa.float32()),
+        pa.field("entropy", pa.float32()),
     ]
 )
+# Columns a Predictor adds for the run's monitoring (imgcls.monitoring.run_monitor), which takes
+# them off before the rows are written: the image statistics, the top-1 class and the projected features.
+MONITOR_PREFIX = "_monitor_"
 
 
 def class_probabilities(raw_outputs: np.ndarray, task: str) -> np.ndarray:
@@ -74,6 +81,7 @@ class Predictor:
         lean_import: bool = False,
         output: Output = "rows",
         thresholds: list[float] | None = None,
+        monitoring: bool = True,
     ):
         from imgcls.modeling.artifact import load_artifact
         from imgcls.platform.logs import native_chatter_filtered
@@ -93,6 +101,27 @@ class Predictor:
         self.output = output
         # Multi-label models only: one per class, compared in float64 with each probability as stored.
         self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+        self.projection = None
+        self.features_model = None
+        self.monitoring = monitoring
+        if output == "rows" and monitoring:
+            self._prepare_embedding(model_uri, storage_config)
+
+    def _prepare_embedding(self, model_uri: str, storage_config: StorageConfig | None) -> None:
+        """The profile's projection and the model with its features as a second output, when the
+        artifact has a profile with an embedding that fits this model."""
+        from imgcls.modeling.features import with_features
+        from imgcls.monitoring.profile import read_profile
+
+        found = read_profile(model_uri, storage_config.endpoint_url if storage_config else None)
+        arrays = found[1] if found else None
+        if arrays is None:
+            return
+        features_model = with_features(self.model)
+        if features_model is None or features_model.outputs[0].shape[-1] != arrays.projection.shape[0]:
+            logger.warning("the artifact's profile embedding does not fit its model: drift monitoring goes without it")
+            return
+        self.features_model, self.projection = features_model, arrays.projection
 
     @classmethod
     def from_artifact(
@@ -101,11 +130,21 @@ class Predictor:
         return cls(model_uri, top_k, batch_size, storage_config)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        outputs = [
-            self.model.predict_on_batch(images[start : start + self.batch_size].astype(np.float32))
-            for start in range(0, len(images), self.batch_size)
-        ]
-        return class_probabilities(np.concatenate(outputs, axis=0), self.metadata.task)
+        return self.probabilities_and_embedding(images)[0]
+
+    def probabilities_and_embedding(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities per image and, with a profile's projection, the projected features
+        (from the same forward pass)."""
+        model = self.features_model or self.model
+        outputs, features = [], []
+        for start in range(0, len(images), self.batch_size):
+            result = model.predict_on_batch(images[start : start + self.batch_size].astype(np.float32))
+            if self.features_model is not None:
+                features.append(np.asarray(result[0], dtype=np.float32) @ self.projection)
+                result = result[1]
+            outputs.append(result)
+        probabilities = class_probabilities(np.concatenate(outputs, axis=0), self.metadata.task)
+        return probabilities, np.concatenate(features, axis=0) if features else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         paths = [str(path) for path in batch["path"]]
@@ -119,8 +158,10 @@ class Predictor:
         top_labels: list[list[str] | None] = [None] * rows
         top_scores: list[list[float] | None] = [None] * rows
         label_sets: list[list[str] | None] = [None] * rows
+        monitor_columns: dict[str, pa.Array] = {}
         if readable.any():
-            probabilities = self.probabilities(batch["image"][readable])
+            probabilities, embedding = self.probabilities_and_embedding(batch["image"][readable])
+            monitor_columns = self._monitor_columns(batch, readable, probabilities, embedding)
             ranking = np.argsort(-probabilities, axis=1, kind="stable")[:, : self.top_k]
             ranked_scores = np.take_along_axis(probabilities, ranking, axis=1)
             for position, row in enumerate(np.flatnonzero(readable)):
@@ -134,7 +175,7 @@ class Predictor:
                     label_sets[row] = self.class_names[chosen].tolist()
                 else:
                     label_sets[row] = [] if below else [labels[row]]
-        return pa.table(
+        table = pa.table(
             {
                 "path": pa.array(paths, pa.string()),
                 "label": pa.array(labels, pa.string()),
@@ -144,9 +185,46 @@ class Predictor:
                 "model_version": pa.array([self.metadata.model_version] * rows, pa.string()),
                 "error": pa.array([error or None for error in errors], pa.string()),
                 "labels": pa.array(label_sets, pa.list_(pa.string())),
+                "margin": monitor_columns.pop("margin", pa.nulls(rows, pa.float32())),
+                "entropy": monitor_columns.pop("entropy", pa.nulls(rows, pa.float32())),
             },
             schema=PREDICTION_SCHEMA,
         )
+        for name, column in monitor_columns.items():
+            table = table.append_column(name, column)
+        return table
+
+    def _monitor_columns(
+        self, batch: dict[str, np.ndarray], readable: np.ndarray, probabilities: np.ndarray, embedding: np.ndarray | None
+    ) -> dict[str, pa.Array]:
+        """margin and entropy, and the hidden monitoring columns (null on error rows): the image
+        statistics of the decoded pixels, the image's own size, the top-1 class, the embedding."""
+        from imgcls.monitoring.observations import observe
+
+        rows = len(readable)
+        sizes = {name: batch.get(f"original_{name}", np.zeros(rows, np.int32))[readable] for name in ("width", "height")}
+        observed = observe(probabilities, batch["image"][readable], sizes["width"], sizes["height"],
+                           self.metadata.task == "multilabel", embedding)  # fmt: skip
+        mask = ~readable  # pyarrow: True marks a null
+
+        def spread(values: np.ndarray, dtype) -> pa.Array:
+            full = np.zeros(rows, dtype=dtype.to_pandas_dtype())
+            full[readable] = values
+            return pa.array(full, dtype, mask=mask)
+
+        columns = {name: spread(observed.scalars[name], pa.float32()) for name in ("margin", "entropy")}
+        if not self.monitoring:
+            return columns
+        for name, values in observed.scalars.items():
+            if name not in ("score", "margin", "entropy"):
+                columns[MONITOR_PREFIX + name] = spread(values, pa.float32())
+        columns[MONITOR_PREFIX + "top_class"] = spread(observed.top_class, pa.int32())
+        if observed.embedding is not None:
+            full = np.zeros((rows, observed.embedding.shape[1]), dtype=np.float32)
+            full[readable] = observed.embedding
+            flat = pa.array(full.reshape(-1), pa.float32())
+            columns[MONITOR_PREFIX + "embedding"] = pa.FixedSizeListArray.from_arrays(flat, observed.embedding.shape[1], mask=pa.array(mask))
+        return columns
 
     def _probability_rows(self, batch, paths: list[str], errors: list[str], readable: np.ndarray) -> pa.Table:
         probabilities: list[list[float] | None] = [None] * len(paths)
@@ -177,6 +255,7 @@ def predictor_arguments(
         "storage_config": config.storage,
         "min_score": min_score,
         "output": output,
+        "monitoring": getattr(config, "monitoring", True),
     }
 
 

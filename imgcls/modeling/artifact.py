@@ -129,10 +129,15 @@ def make_model_version(model_bytes: bytes, created_at: datetime) -> str:
 
 
 def save_artifact(
-    model, metadata_fields: dict[str, Any], destination_uri: str, endpoint_url: str | None = None
+    model,
+    metadata_fields: dict[str, Any],
+    destination_uri: str,
+    endpoint_url: str | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> ArtifactMetadata:
-    """Save `model` (without optimizer state) and its metadata; metadata.json is written last,
-    so a directory with metadata.json is always a complete artifact."""
+    """Save `model` (without optimizer state), `extra_files` (the reference profile) and its
+    metadata; metadata.json is written last, so a directory with metadata.json is always a complete
+    artifact."""
     created = datetime.now(timezone.utc)
     with tempfile.TemporaryDirectory(prefix="imgcls-artifact-") as scratch:
         model_path = Path(scratch) / MODEL_FILE
@@ -145,6 +150,8 @@ def save_artifact(
     )
     destination = storage.resolve(destination_uri, endpoint_url)
     storage.write_bytes_atomic(destination.join(MODEL_FILE), model_bytes)
+    for name, data in (extra_files or {}).items():
+        storage.write_bytes_atomic(destination.join(name), data)
     storage.write_text_atomic(destination.join(METADATA_FILE), metadata.model_dump_json(indent=2))
     return metadata
 

@@ -12,6 +12,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
+from imgcls.errors import StorageError
 from imgcls.monitoring.observations import IMAGE_STATISTICS, MODEL_STATISTICS, Observations
 from imgcls.monitoring.summaries import Quantiles, ScalarReference, bin_counts, reference_edges
 from imgcls.platform import storage
@@ -112,7 +113,7 @@ def read_profile(artifact_uri: str, endpoint_url: str | None = None) -> tuple[Re
                 arrays = ProfileArrays(projection=loaded["projection"], mean=loaded["mean"], covariance=loaded["covariance"])
             if arrays.projection.shape != (profile.feature_width, profile.embedding_dimensions):
                 raise ValueError(f"projection of shape {arrays.projection.shape} does not fit profile.json")
-    except (ValueError, KeyError, OSError, ValidationError) as error:
+    except (ValueError, KeyError, OSError, StorageError, ValidationError) as error:
         logger.warning("the artifact's reference profile %s is unreadable (%s): monitoring without a reference",
                        profile_location.uri, str(error).splitlines()[0][:200])  # fmt: skip
         return None

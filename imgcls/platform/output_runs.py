@@ -4,7 +4,10 @@ Layout under the output URI:
     [run_date=YYYY-MM-DD/]run-<run_id>/chunk-NNNNN/part-*.parquet   committed chunks of runs (what readers see)
     [run_date=YYYY-MM-DD/]run-<run_id>/_run.json        the marker that proves imgcls wrote the run
     _staging/<run_id>/                                   a run's chunk being written (hidden from readers)
-    _runs/<run_id>.json                                  one record per run: input, model, counts, times, status
+    _runs/<run_id>.json                                  one record per run: input, model, counts, times, status,
+                                                         monitoring and drift (see `imgcls.monitoring`)
+    _review/<run_id>.parquet                             a run's least certain images, with --review N
+    _report/                                             the trend report's default folder (`imgcls report`)
     _lock                                                the one writer's lease (see `imgcls.output_lease`)
 Readers (pyarrow.dataset, pandas, Ray Data) skip `_`-prefixed files and folders, so only committed
 chunks are visible. A run commits its rows in chunks (`commit_every_images`, `commit_every_s`): on a
@@ -35,12 +38,16 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imgcls.errors import DataError, StorageError, clip
+from imgcls.monitoring.summaries import DriftReport, ReviewRecord, RunMonitoring
 from imgcls.platform import storage
 
 logger = logging.getLogger(__name__)
 
 STAGING = "_staging"
 RUNS = "_runs"
+# imgcls's own folders beside the runs: each run's review queue, and the trend report's default place.
+REVIEW = "_review"
+REPORT = "_report"
 RUN_MARKER = "_run.json"
 LEASE_FILES = ("_lock", "_lock.update")
 RUN_FOLDER = re.compile(r"^run-(?P<run_id>[0-9]{8}T[0-9]{9}Z-[0-9a-f]{8})$")
@@ -120,6 +127,9 @@ class RunRecord(BaseModel):
     thresholds: dict[str, float] | None = Field(
         default=None, description="Multi-label models: the decision threshold used per class (None: single-label)."
     )
+    monitoring: RunMonitoring | None = Field(default=None, description="What this run's images looked like to the model.")
+    drift: DriftReport | None = Field(default=None, description="This run against the artifact's reference profile.")
+    review: ReviewRecord | None = Field(default=None, description="The run's review queue of least certain images.")
 
 
 def write_run_record(output: storage.Location, record: RunRecord) -> None:
@@ -203,7 +213,7 @@ def survey(output: storage.Location) -> OutputContents:
     foreign: list[str] = []
     for path in files:
         parts = _relative(output, path).split("/")
-        if parts[0] in (RUNS, STAGING) or (len(parts) == 1 and parts[0] in LEASE_FILES):
+        if parts[0] in (RUNS, STAGING, REVIEW, REPORT) or (len(parts) == 1 and parts[0] in LEASE_FILES):
             continue
         run_part = 1 if len(parts) >= 3 and _is_partition(parts[0]) else 0
         match = RUN_FOLDER.match(parts[run_part]) if len(parts) > run_part + 1 else None

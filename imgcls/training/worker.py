@@ -57,6 +57,8 @@ class WorkerPlan(BaseModel):
     initial_weights: Any | None = None  # a Ray object reference to the starting weights, or None
     artifact_uri: str | None = None  # where rank 0 writes the model artifact when training ends
     artifact_fields: dict[str, Any] = {}  # its metadata, less the final metrics
+    profile_paths: list[str] = []  # the images of the artifact's reference profile (imgcls.monitoring)
+    profile_source: str = "validation"  # or train_holdout: a slice of train kept out of training for it
 
     @property
     def max_workers(self) -> int:
@@ -388,9 +390,25 @@ class Worker:
             fields["thresholds"] = final["thresholds"]
         metadata = save_artifact(
             self.model, fields, self.plan.artifact_uri,
-            self.plan.config.storage.endpoint_url,
+            self.plan.config.storage.endpoint_url, extra_files=artifact_profile_files(self.model, self.plan),
         )  # fmt: skip
         return metadata.model_version
+
+
+def artifact_profile_files(model, plan: WorkerPlan) -> dict[str, bytes]:
+    """The reference profile's files for the artifact (none without profile images)."""
+    from imgcls.modeling.artifact import task_for
+    from imgcls.monitoring.profile import profile_files
+    from imgcls.monitoring.reference import reference_profile
+
+    if not plan.profile_paths:
+        return {}
+    data = plan.config.data
+    decode_arguments = {"image_size": tuple(data.image_size), "channels": data.channels, "max_pixels": data.max_image_pixels,
+                        "storage_config": plan.config.storage, "max_bytes": data.max_image_bytes}  # fmt: skip
+    task = task_for(len(plan.class_names), plan.multilabel)
+    found = reference_profile(model, plan.class_names, task, plan.profile_paths, decode_arguments, plan.profile_source)
+    return {} if found is None else profile_files(*found)
 
 
 def epoch_line(metrics: dict[str, Any], total_epochs: int, eta_seconds: float) -> str:
