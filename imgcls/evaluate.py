@@ -1,5 +1,6 @@
-"""Evaluation: classify a labelled set with an artifact and write metrics, figures and a report
-(single-label, or multi-label for a multi-label artifact: see `imgcls.reporting.multilabel_metrics`)."""
+"""Evaluation: classify a labelled set with an artifact and write metrics, figures, a profile of the
+set (`imgcls.reporting.dataset_profile`) and a report (single-label, or multi-label for a multi-label
+artifact: see `imgcls.reporting.multilabel_metrics`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ from pydantic import BaseModel, Field
 from imgcls.config import EvaluateConfig
 from imgcls.errors import ConfigError, DataError
 from imgcls.platform import storage
+from imgcls.reporting.dataset_profile import (
+    CLASS_BALANCE_FIGURE,
+    DATASET_PROFILE_FILE,
+    DatasetProfile,
+    dataset_markdown,
+    profile_dataset,
+    summary_line,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +43,9 @@ class EvaluateSummary(BaseModel):
     macro_f1: float | None = None
 
 
-def _report_markdown(metrics: dict[str, Any], summary: EvaluateSummary, class_names: list[str]) -> str:
+def _report_markdown(
+    metrics: dict[str, Any], summary: EvaluateSummary, class_names: list[str], dataset: DatasetProfile | None = None
+) -> str:
     top_key = next(key for key in metrics if key.startswith("top_") and key.endswith("_accuracy"))
     lines = [
         f"# Evaluation of model {summary.model_version}",
@@ -57,8 +68,10 @@ def _report_markdown(metrics: dict[str, Any], summary: EvaluateSummary, class_na
     for average, label in averages.items():
         scores = metrics[average]
         lines.append(f"| *{label}* | {scores['precision']:.4f} | {scores['recall']:.4f} | {scores['f1']:.4f} | {summary.evaluated} |")
+    lines.append("")
+    if dataset is not None:
+        lines += dataset_markdown(dataset)
     lines += [
-        "",
         "## Confusion matrix",
         "",
         "![confusion matrix](confusion_matrix.png)",
@@ -115,8 +128,13 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     readable = table.filter(pa.compute.is_null(table.column("error")))
     if readable.num_rows == 0:
         raise DataError(f"None of the {len(images.paths)} images under {config.data} is readable.")
+    # What the set holds, before how the model does on it: over the model's classes, so that the
+    # classes it knows and the set lacks show up.
+    label_sets = images.label_sets if images.multilabel else [(label,) for label in images.labels]
+    dataset = profile_dataset(images.paths, label_sets, images.multilabel, list(class_names), table)
+    logger.info("%s", summary_line(dataset))
     if thresholds is not None:
-        return _multilabel(config, metadata, images, thresholds, readable, errored, started)
+        return _multilabel(config, metadata, images, thresholds, readable, errored, dataset, started)
     true_by_path = {path: class_names.index(label) for path, label in zip(images.paths, images.labels)}
     true = np.array([true_by_path[path] for path in readable.column("path").to_pylist()], dtype=np.int64)
     probabilities = np.array(readable.column("probabilities").to_pylist(), dtype=np.float64)
@@ -126,6 +144,7 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
     output = storage.resolve(config.output, endpoint_url)
     matrix = np.array(metrics["confusion_matrix"]["matrix"])
     storage.write_text_atomic(output.join("metrics.json"), json.dumps(metrics, indent=2))
+    _write_dataset_profile(output, dataset)
     storage.write_text_atomic(output.join("confusion_matrix.json"), json.dumps(metrics["confusion_matrix"], indent=2))
     storage.write_bytes_atomic(output.join("confusion_matrix.png"), confusion_matrix_heatmap(matrix, class_names))
     calibration = metrics["calibration"]
@@ -159,13 +178,22 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
         seconds=round(time.perf_counter() - started, 3),
         task=metadata.task,
     )
-    storage.write_text_atomic(output.join("report.md"), _report_markdown(metrics, summary, class_names))
+    storage.write_text_atomic(output.join("report.md"), _report_markdown(metrics, summary, class_names, dataset))
     logger.info(
         "accuracy %.4f on %d images (%d unreadable), ECE %.4f; report %s",
         metrics["accuracy"], summary.evaluated, summary.unreadable, calibration["expected_calibration_error"],
         output.join("report.md").uri,
     )  # fmt: skip
     return summary
+
+
+def _write_dataset_profile(output: storage.Location, dataset: DatasetProfile) -> None:
+    from imgcls.reporting.plots import class_balance_chart
+
+    storage.write_text_atomic(output.join(DATASET_PROFILE_FILE), dataset.model_dump_json(indent=2))
+    counts = {name: share.images for name, share in dataset.class_balance.items()}
+    title = "images carrying each class" if dataset.labels == "multi" else "images per class"
+    storage.write_bytes_atomic(output.join(CLASS_BALANCE_FIGURE), class_balance_chart(counts, title))
 
 
 def _thresholds_source(config: EvaluateConfig, metadata) -> str:
@@ -179,7 +207,7 @@ def _thresholds_source(config: EvaluateConfig, metadata) -> str:
 
 
 def _multilabel(config: EvaluateConfig, metadata, images, thresholds: list[float], readable: pa.Table,
-                errored: pa.Table, started: float) -> EvaluateSummary:  # fmt: skip
+                errored: pa.Table, dataset: DatasetProfile, started: float) -> EvaluateSummary:  # fmt: skip
     """Score label sets at the run's thresholds; a single-label set counts each image's one label."""
     from imgcls.reporting import multilabel_report as report
     from imgcls.reporting.multilabel_metrics import multilabel_report, precision_recall_curve
@@ -198,6 +226,7 @@ def _multilabel(config: EvaluateConfig, metadata, images, thresholds: list[float
 
     output = storage.resolve(config.output, config.storage.endpoint_url)
     storage.write_text_atomic(output.join("metrics.json"), json.dumps(metrics, indent=2))
+    _write_dataset_profile(output, dataset)
     curves = {name: precision_recall_curve(truth[:, column], probabilities[:, column]) for column, name in enumerate(class_names)}
     per_class = metrics["per_class"]
     operating_points = {name: (per_class[name]["recall"], per_class[name]["precision"]) for name in class_names}
@@ -214,7 +243,7 @@ def _multilabel(config: EvaluateConfig, metadata, images, thresholds: list[float
     storage.write_parquet_atomic(output.join("skipped_images.parquet"), errored.select(["path", "error"]))
     storage.write_text_atomic(
         output.join("report.md"),
-        report.report_markdown(metrics, metadata.model_version, len(images.paths), errored.num_rows),
+        report.report_markdown(metrics, metadata.model_version, len(images.paths), errored.num_rows, dataset),
     )
     summary = EvaluateSummary(
         output_uri=output.uri, model_version=metadata.model_version, images=len(images.paths),

@@ -99,6 +99,18 @@ def test_multilabel_evaluation_matches_scikit_learn(colour_artifact, labelled, t
         assert f"({link})" in report
     assert "| red |" in report and "exact-set accuracy" in report
     assert pq.read_table(output / "skipped_images.parquet").column("path").to_pylist()[0].endswith("broken.png")
+    # The profile counts every listed image, the unreadable one (labelled red) included.
+    listed = [*truth.values(), ("red",)]
+    profile = json.loads((output / "dataset_profile.json").read_text())
+    assert (profile["labels"], profile["images"], profile["readable"], profile["unreadable"]) == ("multi", 37, 36, 1)
+    assert {name: share["images"] for name, share in profile["class_balance"].items()} == {
+        name: sum(name in names for names in listed) for name in CLASS_NAMES}  # fmt: skip
+    assert profile["images_without_labels"] == sum(not names for names in listed) > 0
+    assert profile["mean_labels_per_image"] == pytest.approx(sum(map(len, listed)) / 37, abs=1e-6)
+    assert profile["duplicates"]["groups"] == 0
+    assert "## Dataset" in report and "![class balance](class_balance.png)" in report
+    with Image.open(output / "class_balance.png") as image:
+        image.verify()
 
 
 def test_evaluation_thresholds_follow_min_score_then_the_thresholds_setting(colour_artifact, labelled, tmp_path):

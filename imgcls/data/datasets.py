@@ -60,9 +60,11 @@ def decoded_dataset(
     num_cpus: float | None = None,
     rows_per_block: int = ROWS_PER_BLOCK,
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    digests: bool = False,
 ):
-    """A lazy Ray Dataset of path (+label), image and error columns; one decode task per block, each
-    reading with the job's `storage_config` (endpoint, retries)."""
+    """A lazy Ray Dataset of path (+label), image, error, original_width and original_height columns
+    (and content_digest with `digests`); one decode task per block, each reading with the job's
+    `storage_config` (endpoint, retries)."""
     import ray.data
 
     dataset = ray.data.from_arrow(paths_table(paths, label_indices, rows_per_block))
@@ -78,6 +80,7 @@ def decoded_dataset(
             "max_pixels": max_pixels,
             "storage_config": storage_config,
             "max_bytes": max_bytes,
+            "digests": digests,
         },
     )
 

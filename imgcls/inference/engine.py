@@ -23,7 +23,8 @@ def prediction_batches(
     thresholds: list[float] | None = None,
 ) -> Iterator[pa.Table]:
     """Arrow tables, in input order per block: prediction rows (`output="rows"`, the Parquet schema) or
-    each image's probability per class (`output="probabilities"`: path, probabilities, error). Decoding
+    each image's probability per class (`output="probabilities"`: path, probabilities, error, the file's
+    own original_width and original_height, and for evaluation its content_digest). Decoding
     and the model run in this process or in Ray Data tasks and an actor pool (see `choose_placement`).
     `thresholds` (multi-label models: one per class) decide each row's `labels`. A stream that delivers nothing for `config.stall_timeout_s` raises JobStalledError (see
     `imgcls.platform.stall_watch`)."""

@@ -227,17 +227,23 @@ class Predictor:
         return columns
 
     def _probability_rows(self, batch, paths: list[str], errors: list[str], readable: np.ndarray) -> pa.Table:
+        """path, probabilities, error, and what decoding saw of each file for evaluation's dataset
+        profile: its own width and height (0 on error) and, when decoded with digests, content_digest
+        ("" when unread)."""
         probabilities: list[list[float] | None] = [None] * len(paths)
         if readable.any():
             for row, values in zip(np.flatnonzero(readable), self.probabilities(batch["image"][readable])):
                 probabilities[row] = values.tolist()
-        return pa.table(
-            {
-                "path": pa.array(paths, pa.string()),
-                "probabilities": pa.array(probabilities, pa.list_(pa.float32())),
-                "error": pa.array([error or None for error in errors], pa.string()),
-            }
-        )
+        columns = {
+            "path": pa.array(paths, pa.string()),
+            "probabilities": pa.array(probabilities, pa.list_(pa.float32())),
+            "error": pa.array([error or None for error in errors], pa.string()),
+            "original_width": pa.array(np.asarray(batch["original_width"], dtype=np.int32), pa.int32()),
+            "original_height": pa.array(np.asarray(batch["original_height"], dtype=np.int32), pa.int32()),
+        }
+        if "content_digest" in batch:
+            columns["content_digest"] = pa.array([str(digest) for digest in batch["content_digest"]], pa.string())
+        return pa.table(columns)
 
 
 def predictor_arguments(
@@ -268,4 +274,7 @@ def decode_arguments(config: PredictConfig | EvaluateConfig, metadata) -> dict:
         "max_pixels": config.max_image_pixels,
         "storage_config": config.storage,
         "max_bytes": config.max_image_bytes,
+        # Evaluation hashes every file's bytes, for its dataset profile's exact duplicates and label
+        # conflicts; prediction has no use for them and skips the hashing.
+        "digests": isinstance(config, EvaluateConfig),
     }

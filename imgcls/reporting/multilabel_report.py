@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from imgcls.reporting.dataset_profile import DatasetProfile, dataset_markdown
+
 LABEL_MISTAKES_FILE = "label_mistakes.parquet"
 
 
@@ -44,7 +46,9 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def report_markdown(metrics: dict[str, Any], model_version: str, images: int, unreadable: int) -> str:
+def report_markdown(
+    metrics: dict[str, Any], model_version: str, images: int, unreadable: int, dataset: DatasetProfile | None = None
+) -> str:
     micro, macro, weighted = metrics["micro_avg"], metrics["macro_avg"], metrics["weighted_avg"]
     lines = [
         f"# Multi-label evaluation of model {model_version}",
@@ -73,8 +77,10 @@ def report_markdown(metrics: dict[str, Any], model_version: str, images: int, un
         lines.append(f"| *{label}* | | {scores['precision']:.4f} | {scores['recall']:.4f} | {scores['f1']:.4f} | | | | |")
     if metrics["notes"]:
         lines += ["", "Notes:", "", *[f"- {note}" for note in metrics["notes"]]]
+    lines.append("")
+    if dataset is not None:
+        lines += dataset_markdown(dataset)
     lines += [
-        "",
         "## Precision-recall curves",
         "",
         "![precision-recall curves](precision_recall.png)",

@@ -1,5 +1,5 @@
 """Figures as PNG bytes (matplotlib, headless): training curves, confusion matrix, reliability diagram,
-and the multi-label figures (precision-recall curves, per-class confusion)."""
+the multi-label figures (precision-recall curves, per-class confusion) and a set's class balance."""
 
 from __future__ import annotations
 
@@ -146,4 +146,33 @@ def per_class_confusion_grid(per_class: dict[str, dict]) -> bytes:
         axis.set_ylabel("true")
         axis.set_title(f"{name} (t={counts['threshold']:.2f})", fontsize=9)
     figure.tight_layout()
+    return _png(figure)
+
+
+# Beyond this many classes the balance chart drops the names and shows the counts in rank order.
+NAMED_BALANCE_CLASSES = 40
+
+
+def class_balance_chart(counts: dict[str, int], title: str = "images per class") -> bytes:
+    """One horizontal bar per class, in the given order, with its count; many classes become a
+    ranked profile (largest first), which still shows how uneven they are."""
+    plt = _figure()
+    names, values = list(counts), list(counts.values())
+    if len(names) > NAMED_BALANCE_CLASSES:
+        figure, axis = plt.subplots(figsize=(7, 3.5))
+        axis.bar(range(1, len(values) + 1), sorted(values, reverse=True), width=1.0)
+        axis.set_xlabel("class rank (largest first)")
+        axis.set_ylabel("images")
+        axis.set_title(f"{title} ({len(names)} classes)")
+        return _png(figure)
+    figure, axis = plt.subplots(figsize=(6, max(1.8, 0.32 * len(names) + 0.8)))
+    positions = range(len(names))
+    axis.barh(positions, values, color="tab:blue")
+    axis.set_yticks(positions, names)
+    axis.invert_yaxis()  # the first class on top, as in the report's list
+    for position, value in zip(positions, values):
+        axis.text(value, position, f" {value}", va="center", fontsize=8)
+    axis.set_xlim(0, max(values, default=0) * 1.15 + 1)
+    axis.set_xlabel("images")
+    axis.set_title(title)
     return _png(figure)
