@@ -294,3 +294,20 @@ def test_sections_are_read_whether_the_record_declares_them_or_keeps_them_as_ext
     with caplog.at_level(logging.WARNING):
         assert run_section(_record(OK_RUN, "out", drift={"status": "sideways"}), "drift", DriftReport) is None
     assert f"run {OK_RUN}: its drift section is left out" in caplog.text
+
+
+def test_the_report_job_entrypoint(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    output = storage.resolve(str(tmp_path / "predictions"))
+    output_runs.write_run_record(output, _record(OLD_RUN, output.uri, classified=5, errored=0))
+    completed = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "report.py"), "--output", output.uri],
+                               capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.strip().endswith(f"-> {tmp_path / 'predictions' / '_report' / 'report.md'}")
+    missing = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "report.py"), "--output", str(tmp_path / "none")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2 and "No run records under" in missing.stderr and "Traceback" not in missing.stderr

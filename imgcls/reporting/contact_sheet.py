@@ -79,6 +79,8 @@ def read_thumbnail(path: str, endpoint_url: str | None) -> np.ndarray | None:
     """The thumbnail of one image of the review file, or None (with a warning) when it cannot be read.
     An endpoint that keeps failing (StorageError) stops the report: every other image would wait
     through the same retries."""
+    if not path:
+        return None
     try:
         return thumbnail(storage.read_object(storage.resolve(path, endpoint_url), DEFAULT_MAX_IMAGE_BYTES))
     except StorageError:

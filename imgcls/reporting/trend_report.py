@@ -28,6 +28,7 @@ REVIEW_FOLDER = "_review"
 # Rows of the table of last runs, and runs named in the note on runs without monitoring.
 LAST_RUNS_SHOWN = 20
 NOTED_RUNS_SHOWN = 20
+NOT_DRAWN = "No run has a {section} section yet (runs of an imgcls before monitoring), so this figure is not drawn."
 
 
 @dataclass
@@ -60,9 +61,6 @@ def _nightly_counts(runs: list[ReportedRun]) -> tuple[list[date], list[int], lis
             unfinished[night] += run.committed_rows
     nights = sorted(set(classified) | set(unfinished))
     return nights, [classified[n] for n in nights], [errored[n] for n in nights], [unfinished[n] for n in nights]
-
-
-NOT_DRAWN = "No run has a {section} section yet (runs of an imgcls before monitoring), so this figure is not drawn."
 
 
 def _images_figure(runs: list[ReportedRun]) -> Figure:
@@ -262,11 +260,10 @@ def write_trend_report(output: storage.Location, report_folder: storage.Location
     if reviewed is not None:
         run, rows = reviewed
         images = contact_sheet.sheet_images(rows, endpoint_url)
-        if images:
-            title = f"run {clip(run.record.run_id, 60)}: the {len(images)} least certain image(s)"
-            storage.write_bytes_atomic(report_folder.join(CONTACT_SHEET), contact_sheet.contact_sheet_png(images, title))
-            report.figures.append(report_folder.join(CONTACT_SHEET).uri)
-            sheet = (run, images)
+        title = f"run {clip(run.record.run_id, 60)}: the {len(images)} least certain image(s)"
+        storage.write_bytes_atomic(report_folder.join(CONTACT_SHEET), contact_sheet.contact_sheet_png(images, title))
+        report.figures.append(report_folder.join(CONTACT_SHEET).uri)
+        sheet = (run, images)
     markdown = report_markdown(output.uri, runs, figures, skipped, sheet, sheet_note, datetime.now(timezone.utc))
     storage.write_text_atomic(report_folder.join(REPORT_FILE), markdown)
     return report
