@@ -1,4 +1,4 @@
-"""One command-line front for every job: `imgcls train|predict|evaluate|tune|export`.
+"""One command-line front for every job: `imgcls train|predict|evaluate|tune|export|report`.
 
 Exit codes a scheduler can alert on: 0 success, 2 user error (message, no traceback), 1 a failed run
 (a cluster or storage fault, a stall: one paragraph) or an internal failure (a traceback), 3 a bulk
@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, help="saved_model, onnx or litert.")
     export.add_argument("--output", required=True, help="Folder for the exported model, labels.txt and metadata.json.")
     _add_set_option(export)
+
+    report = verbs.add_parser("report", help="Trend report of a predictions output: its runs over time, drift, uncertain images.")
+    report.add_argument("--output", required=True, help="The predictions output to report on (predict's --output).")
+    report.add_argument("--report-dir", default=None, help="Folder for report.md and its figures (default OUTPUT/_report).")
+    _add_set_option(report)
     return parser
 
 
@@ -191,12 +196,25 @@ def _export(arguments: argparse.Namespace) -> None:
     )
 
 
+def _report(arguments: argparse.Namespace) -> None:
+    from imgcls import report
+    from imgcls.config import ReportConfig, build_model, merge, parse_overrides
+
+    values = {"output": arguments.output}
+    if arguments.report_dir is not None:
+        values["report_dir"] = arguments.report_dir
+    values = merge(values, parse_overrides(arguments.overrides))
+    summary = report.run(build_model(ReportConfig, values, "report arguments"))
+    print(f"{summary.runs} run records read, {len(summary.figures)} figures -> {summary.report_uri}")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": _train,
     "predict": _predict,
     "evaluate": _evaluate,
     "tune": _tune,
     "export": _export,
+    "report": _report,
 }
 
 

@@ -5,6 +5,7 @@
     tuning      its `tune:` section
     inference   predict and evaluate (the settings they share written once)
     export      the export job (an artifact to saved_model, onnx or litert)
+    report      the report job (the trend report over a predictions output's run records)
     overrides   bounded YAML reading, `--set` overrides, readable validation errors
 
 The names below are the package's interface. Nothing here imports TensorFlow or Ray.
@@ -37,6 +38,7 @@ from imgcls.config.overrides import (
     read_yaml_mapping,
     set_dotted,
 )  # fmt: skip
+from imgcls.config.report import DEFAULT_REPORT_FOLDER, ReportConfig
 from imgcls.config.training import (
     BACKBONE_MIN_IMAGE_SIZE,
     BACKBONES,
@@ -60,5 +62,5 @@ __all__ = [
     "ScheduleConfig", "StorageConfig", "StrictModel", "TrainConfig", "TuneSettings", "build_model", "config_to_yaml",
     "format_validation_error", "load_job_config", "merge", "metric_mode", "normalised_uri", "parse_overrides",
     "pool_settings", "read_yaml_mapping", "set_dotted", "uri_contains",
-    "EXPORT_FORMATS", "ExportConfig", "ExportFormat",
+    "EXPORT_FORMATS", "ExportConfig", "ExportFormat", "DEFAULT_REPORT_FOLDER", "ReportConfig",
 ]  # fmt: skip

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 
-def _figure():
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend (every figure module draws through it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -18,16 +19,17 @@ def _figure():
     return plt
 
 
-def _png(figure) -> bytes:
+def png_bytes(figure) -> bytes:
+    """The figure as PNG bytes; the figure is closed."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _figure().close(figure)
+    pyplot().close(figure)
     return buffer.getvalue()
 
 
 def training_curves(history: list[dict[str, Any]]) -> bytes:
     """Loss and accuracy (micro_f1 for multi-label runs) per epoch, train against validation."""
-    plt = _figure()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [entry["epoch"] for entry in history]
     score = "micro_f1" if history and "micro_f1" in history[0] else "accuracy"
@@ -39,12 +41,12 @@ def training_curves(history: list[dict[str, Any]]) -> bytes:
         axis.set_title(name)
         axis.grid(alpha=0.3)
         axis.legend()
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def confusion_matrix_heatmap(matrix: np.ndarray, class_names: list[str], title: str = "confusion matrix") -> bytes:
     """Rows are true classes, columns predicted; each cell shows its count."""
-    plt = _figure()
+    plt = pyplot()
     size = max(4.0, 0.5 * len(class_names) + 2)
     figure, axis = plt.subplots(figsize=(size + 1, size))
     image = axis.imshow(matrix, cmap="Blues")
@@ -59,13 +61,13 @@ def confusion_matrix_heatmap(matrix: np.ndarray, class_names: list[str], title: 
             axis.text(column, row, int(matrix[row, column]), ha="center", va="center",
                       color="white" if matrix[row, column] > threshold else "black", fontsize=8)  # fmt: skip
     axis.set_title(title)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def reliability_diagram(bin_confidence: list[float | None], bin_accuracy: list[float | None], bin_counts: list[int],
                         expected_calibration_error: float) -> bytes:  # fmt: skip
     """Accuracy against confidence per bin; the diagonal is perfect calibration."""
-    plt = _figure()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 5))
     edges = np.linspace(0, 1, len(bin_counts) + 1)
     centres = (edges[:-1] + edges[1:]) / 2
@@ -78,12 +80,12 @@ def reliability_diagram(bin_confidence: list[float | None], bin_accuracy: list[f
     axis.set_ylabel("accuracy")
     axis.set_title(f"reliability (ECE {expected_calibration_error:.3f})")
     axis.legend(loc="upper left")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def trial_curves(histories: dict[str, list[tuple[int, float]]], metric: str) -> bytes:
     """The tuned metric per epoch, one line per trial: trials ASHA stopped end early."""
-    plt = _figure()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
     for trial_id, history in sorted(histories.items()):
         if history:
@@ -94,7 +96,7 @@ def trial_curves(histories: dict[str, list[tuple[int, float]]], metric: str) -> 
     axis.grid(alpha=0.3)
     if any(histories.values()):
         axis.legend(fontsize="small", ncol=2)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def precision_recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray] | None],
@@ -102,7 +104,7 @@ def precision_recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray] | No
                             operating_points: dict[str, tuple[float, float]]) -> bytes:  # fmt: skip
     """One precision-recall curve per class (step, as average precision integrates it), its AP in the
     legend and a dot where the class's threshold puts it; classes without positives are left out."""
-    plt = _figure()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 5.5))
     for name, curve in curves.items():
         if curve is None:
@@ -119,12 +121,12 @@ def precision_recall_curves(curves: dict[str, tuple[np.ndarray, np.ndarray] | No
     axis.grid(alpha=0.3)
     if any(curve is not None for curve in curves.values()):
         axis.legend(fontsize="small", loc="lower left")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def per_class_confusion_grid(per_class: dict[str, dict]) -> bytes:
     """A 2x2 confusion matrix per class (rows: truth no/yes, columns: predicted no/yes)."""
-    plt = _figure()
+    plt = pyplot()
     names = list(per_class)
     columns = min(4, len(names))
     rows = -(-len(names) // columns)
@@ -146,7 +148,7 @@ def per_class_confusion_grid(per_class: dict[str, dict]) -> bytes:
         axis.set_ylabel("true")
         axis.set_title(f"{name} (t={counts['threshold']:.2f})", fontsize=9)
     figure.tight_layout()
-    return _png(figure)
+    return png_bytes(figure)
 
 
 # Beyond this many classes the balance chart drops the names and shows the counts in rank order.
@@ -156,7 +158,7 @@ NAMED_BALANCE_CLASSES = 40
 def class_balance_chart(counts: dict[str, int], title: str = "images per class") -> bytes:
     """One horizontal bar per class, in the given order, with its count; many classes become a
     ranked profile (largest first), which still shows how uneven they are."""
-    plt = _figure()
+    plt = pyplot()
     names, values = list(counts), list(counts.values())
     if len(names) > NAMED_BALANCE_CLASSES:
         figure, axis = plt.subplots(figsize=(7, 3.5))
@@ -164,7 +166,7 @@ def class_balance_chart(counts: dict[str, int], title: str = "images per class")
         axis.set_xlabel("class rank (largest first)")
         axis.set_ylabel("images")
         axis.set_title(f"{title} ({len(names)} classes)")
-        return _png(figure)
+        return png_bytes(figure)
     figure, axis = plt.subplots(figsize=(6, max(1.8, 0.32 * len(names) + 0.8)))
     positions = range(len(names))
     axis.barh(positions, values, color="tab:blue")
@@ -175,4 +177,4 @@ def class_balance_chart(counts: dict[str, int], title: str = "images per class")
     axis.set_xlim(0, max(values, default=0) * 1.15 + 1)
     axis.set_xlabel("images")
     axis.set_title(title)
-    return _png(figure)
+    return png_bytes(figure)
