@@ -213,3 +213,64 @@ def test_without_a_validation_split_a_slice_of_train_is_held_out_for_the_profile
     off = load_job_config(None, [*tiny_job_overrides(pattern_dataset, "/tmp/unused"), "data.val_fraction=0",
                                  "data.profile_holdout_fraction=0"])  # fmt: skip
     assert train._profile_images(off, images, None) == (images, None, "validation")
+
+
+def nightly_runs(monitored, tmp_path, output: str) -> None:
+    """Three nights into one output: half the held-out images, the other half arriving, then a night of
+    colour-inverted images (drift), each with a review queue."""
+    paths, _ = labelled_paths(monitored["holdout"])
+    nights = [paths[::2], paths[1::2], write_inverted(paths[:120], tmp_path / "inverted")]
+    for night, images in enumerate(nights):
+        manifest = write_manifest(tmp_path / f"night{night}.csv", images)
+        predict.run(PredictConfig(model=str(monitored["model"]), input=str(manifest), output=output,
+                                  placement="driver", review=12))  # fmt: skip
+
+
+def check_report(summary, read_bytes) -> None:
+    import io
+
+    from PIL import Image
+
+    assert summary.runs == 3
+    text = read_bytes("report.md").decode()
+    for figure in ("images_per_night.png", "class_shares.png", "scores_and_unknowns.png", "drift.png",
+                   "error_share.png", "contact_sheet.png"):  # fmt: skip
+        assert f"({figure})" in text
+        with Image.open(io.BytesIO(read_bytes(figure))) as image:
+            image.verify()
+        assert Image.open(io.BytesIO(read_bytes(figure))).size[0] > 200
+    assert text.count("| drift") >= 1 and "| ok" in text, text
+
+
+def test_the_trend_report_builds_from_several_real_runs(monitored, tmp_path):
+    from imgcls import report
+    from imgcls.config import ReportConfig
+
+    output = tmp_path / "predictions"
+    nightly_runs(monitored, tmp_path, str(output))
+    summary = report.run(ReportConfig(output=str(output)))
+    check_report(summary, lambda name: (output / "_report" / name).read_bytes())
+    # The report's folder and the review queues are imgcls's own: the next night's run goes on.
+    paths, _ = labelled_paths(monitored["holdout"])
+    extra = run_predict(monitored["model"], write_manifest(tmp_path / "more.csv", paths[:5]), output)[0]
+    assert extra.classified == 0 and extra.already_done == 5
+
+
+def test_the_trend_report_builds_from_several_real_runs_on_s3(monitored, s3_endpoint, tmp_path):
+    import boto3
+    from conftest import TEST_BUCKET
+
+    from imgcls import report
+    from imgcls.config import ReportConfig
+
+    output = f"s3://{TEST_BUCKET}/monitoring/predictions"
+    nightly_runs(monitored, tmp_path, output)
+    summary = report.run(ReportConfig(output=output))
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+
+    def read(name: str) -> bytes:
+        return client.get_object(Bucket=TEST_BUCKET, Key=f"monitoring/predictions/_report/{name}")["Body"].read()
+
+    check_report(summary, read)
+    records = client.list_objects_v2(Bucket=TEST_BUCKET, Prefix="monitoring/predictions/_review/")["Contents"]
+    assert len(records) == 3

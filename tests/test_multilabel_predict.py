@@ -62,7 +62,7 @@ def test_labels_are_the_classes_at_or_above_the_artifacts_thresholds(colour_arti
     table = pads.dataset(str(output), format="parquet").to_table()
     assert table.schema.equals(PREDICTION_SCHEMA)
     assert [(field.name, field.type) for field in table.schema][:7] == PREVIOUS_COLUMNS
-    assert table.schema.names[-1] == "labels"
+    assert table.schema.names[7:] == ["labels", "margin", "entropy"]
     rows = rows_by_path(output)
     assert len(rows) == 25
     broken = rows.pop(str(colour_images / "broken.png"))
@@ -160,7 +160,8 @@ def test_single_label_rows_gain_labels_and_keep_every_other_column(tiny_artifact
     output = tmp_path / "out"
     assert predict(tiny_artifact, pattern_images, output) == 0
     table = pads.dataset(str(output), format="parquet").to_table()
-    assert [(field.name, field.type) for field in table.schema] == [*PREVIOUS_COLUMNS, ("labels", pa.list_(pa.string()))]
+    assert [(field.name, field.type) for field in table.schema] == [
+        *PREVIOUS_COLUMNS, ("labels", pa.list_(pa.string())), ("margin", pa.float32()), ("entropy", pa.float32())]  # fmt: skip
     rows = rows_by_path(output)
     paths = sorted(str(path) for path in pattern_images.glob("noise_*.png"))
     for path, expected in single_label_expected(tiny_artifact, paths).items():
@@ -187,9 +188,9 @@ def test_a_rerun_into_an_output_of_the_previous_schema(tiny_artifact, pattern_im
         shutil.copy(path, images)
     output = tmp_path / "out"
     assert predict(tiny_artifact, images, output) == 0
-    # Make the committed part what the previous imgcls wrote: the same file without `labels`.
+    # Make the committed part what an imgcls before `labels` wrote: the same file without the newer columns.
     (part,) = output.glob("run-*/chunk-*/part-*.parquet")
-    old = pq.read_table(part).drop_columns(["labels"])
+    old = pq.read_table(part).drop_columns(["labels", "margin", "entropy"])
     pq.write_table(old, part)
     assert [(field.name, field.type) for field in pq.read_schema(part)] == PREVIOUS_COLUMNS
     for path in paths[8:]:
@@ -200,9 +201,11 @@ def test_a_rerun_into_an_output_of_the_previous_schema(tiny_artifact, pattern_im
     # The earlier part got the new column (null: not recorded then), so whole-output readers see it.
     assert pq.read_schema(part).names == PREDICTION_SCHEMA.names
     for table in (pq.read_table(output), pads.dataset(str(output), format="parquet").to_table()):
-        assert table.num_rows == 16 and "labels" in table.column_names
+        assert table.num_rows == 16 and table.column_names[-3:] == ["labels", "margin", "entropy"]
         by_path = {row["path"]: row for row in table.to_pylist()}
         assert [by_path[str(images / path.name)]["labels"] for path in paths[:8]] == [None] * 8
+        assert [by_path[str(images / path.name)]["margin"] for path in paths[:8]] == [None] * 8
+        assert all(by_path[str(images / path.name)]["margin"] is not None for path in paths[8:])
         assert all(by_path[str(images / path.name)]["labels"] == [by_path[str(images / path.name)]["label"]] for path in paths[8:])
     # A third run finds everything done.
     assert predict(tiny_artifact, images, output) == 0

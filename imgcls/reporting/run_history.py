@@ -52,19 +52,18 @@ class ReportedRun:
         return sum(chunk.rows for chunk in self.record.chunks)
 
 
-def run_section(record: RunRecord, name: str, model: type[Section]) -> Section | None:
-    """The record's section `name` as `model`, or None when it has none or it does not validate.
-    Works both where RunRecord declares the section (a model) and where the record keeps it as an
-    extra key (a dict, as records read before it was declared do)."""
-    value = getattr(record, name, None)
-    if value is None or isinstance(value, model):
-        return value
-    if isinstance(value, BaseModel):
-        value = value.model_dump()
+SECTIONS = {"monitoring": RunMonitoring, "drift": DriftReport, "review": ReviewRecord}
+
+
+def run_section(run_id: str, name: str, value: object, model: type[Section]) -> Section | None:
+    """A record's section `name` as `model`, or None when it has none or it does not validate (said
+    once: the rest of the run still counts in the report)."""
+    if value is None:
+        return None
     try:
         return model.model_validate(value)
     except ValidationError as error:
-        logger.warning("run %s: its %s section is left out: %s", clip(record.run_id), name, clip(str(error), 300))
+        logger.warning("run %s: its %s section is left out: %s", clip(run_id), name, clip(str(error), 300))
         return None
 
 
@@ -85,15 +84,16 @@ def read_runs(output: storage.Location) -> tuple[list[ReportedRun], int]:
     for name in names:
         location = folder.join(name)
         try:
-            record = RunRecord.model_validate(json.loads(storage.read_object(location, MAX_RECORD_BYTES)))
+            values = json.loads(storage.read_object(location, MAX_RECORD_BYTES))
+            # The sections on their own: one that does not validate leaves the rest of the run in.
+            sections = {name: values.pop(name, None) for name in SECTIONS} if isinstance(values, dict) else {}
+            record = RunRecord.model_validate(values)
             started = started_utc(record.started)
         except (OSError, ValueError) as error:  # ValidationError is a ValueError, and so is bad JSON
             reason = " ".join(str(error).split()) or type(error).__name__
             logger.warning("left %s out of the report: not a run record imgcls can read (%s)", location.uri, clip(reason, 300))
             continue
-        runs.append(ReportedRun(
-            record=record, started=started, monitoring=run_section(record, "monitoring", RunMonitoring),
-            drift=run_section(record, "drift", DriftReport), review=run_section(record, "review", ReviewRecord),
-        ))  # fmt: skip
+        found = {name: run_section(record.run_id, name, sections[name], model) for name, model in SECTIONS.items()}
+        runs.append(ReportedRun(record=record, started=started, **found))
     runs.sort(key=lambda run: (run.started, run.record.run_id))
     return runs, len(names) - len(runs)
