@@ -274,3 +274,19 @@ def test_the_trend_report_builds_from_several_real_runs_on_s3(monitored, s3_endp
     check_report(summary, read)
     records = client.list_objects_v2(Bucket=TEST_BUCKET, Prefix="monitoring/predictions/_review/")["Contents"]
     assert len(records) == 3
+
+
+def test_monitoring_is_the_same_from_the_actor_pool(ray_session, monitored, tmp_path):
+    """Ray Data decode tasks and a model actor carry the monitoring columns to the job's process."""
+    in_process, _ = run_predict(monitored["model"], monitored["holdout"], tmp_path / "driver")
+    config = PredictConfig(model=str(monitored["model"]), input=str(monitored["holdout"]), output=str(tmp_path / "pool"),
+                           placement="actor_pool", num_actors=1, review=5)  # fmt: skip
+    pooled = predict.run(config)
+    (record,) = [json.loads(path.read_text()) for path in (tmp_path / "pool" / "_runs").glob("*.json")]
+    assert record["model_placement"] == "actor_pool" and record["monitoring"]["images"] == 240
+    assert pooled.drift.status == "ok" and set(pooled.drift.signals) == set(in_process.drift.signals)
+    for name, signal in pooled.drift.signals.items():  # the same images, decoded and observed the same way
+        assert signal.value == pytest.approx(in_process.drift.signals[name].value, abs=1e-4), name
+    assert record["review"]["rows"] == 5
+    table = pads.dataset(str(tmp_path / "pool"), format="parquet").to_table()
+    assert table.column("margin").null_count == 0 and not [name for name in table.column_names if name.startswith("_")]
