@@ -30,8 +30,9 @@ def _time_axis(axis, times: list[datetime], label: str = "run start (UTC)", leas
 
 
 def _legend_beside(axis) -> None:
-    """The legend right of the plot, where it hides no point."""
-    axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    """The legend right of the plot, where it hides no point (none for a plot without labelled lines)."""
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
 
 
 def _share_axis(axis, label: str) -> None:
