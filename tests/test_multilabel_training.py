@@ -346,7 +346,7 @@ def test_the_trained_model_predicts_evaluates_and_exports_end_to_end(multilabel_
     assert cli.main(["predict", "--model", model_uri, "--input", str(holdout_manifest), "--output", str(predictions),
                      "--top-k", "3"]) == 0  # fmt: skip
     table = pq.read_table(predictions).sort_by("path")
-    assert table.column_names[-1] == "labels" and table.num_rows == len(holdout.paths)
+    assert table.column_names[-3:] == ["labels", "margin", "entropy"] and table.num_rows == len(holdout.paths)
     by_path = dict(zip(holdout.paths, probabilities))
     for path, labels, top_scores in zip(table.column("path").to_pylist(), table.column("labels").to_pylist(),
                                         table.column("top_k_scores").to_pylist()):  # fmt: skip
