@@ -34,14 +34,8 @@ SERVICE_FIXTURES = {"ray_session", "s3_endpoint", "ceph_rgw_endpoint"}
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if SERVICE_FIXTURES & fixtures:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
-        # Under `pytest -n` (make test), every test of the suite's shared Ray runs in one process, in
-        # order, so that Ray starts once; each other module runs whole in one process (its module
-        # fixtures made once; a session's S3 endpoint is started by each process that needs it).
-        group = "ray_session" if "ray_session" in fixtures else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def free_port() -> int:
