@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from imgcls.config import JobConfig
 from imgcls.errors import clip
+from imgcls.training.epoch_sinks import EpochSinks, build_sinks
 from imgcls.training.feed import EpochFeed, EvaluationFeed
 from imgcls.training.finetune import PhasePlan
 from imgcls.training.state import TrainState
@@ -101,11 +102,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             worker.restore(checkpoint)
         if worker.rank == 0:
             worker.log_group_size()
-        for epoch in range(worker.state.epoch, plan.config.train.epochs):
-            if worker.state.finished:
-                break
-            metrics = worker.run_epoch(epoch)
-            worker.save_and_report(metrics)
+        worker.sinks.start(worker.state.history)
+        try:
+            for epoch in range(worker.state.epoch, plan.config.train.epochs):
+                if worker.state.finished:
+                    break
+                metrics = worker.run_epoch(epoch)
+                worker.save_and_report(metrics)
+        finally:
+            worker.sinks.close()
     if worker.resumed_finished and worker.rank == 0:
         logger.info("training had already finished; nothing left to do")
 
@@ -148,6 +153,7 @@ class Worker:
     first_epoch: int = 0
     last_checkpoint_at: float = 0.0
     last_checkpoint_seconds: float | None = None
+    sinks: EpochSinks = field(default_factory=lambda: EpochSinks([]))
 
     @classmethod
     def build(cls, plan: WorkerPlan, layout: ShardLayout, strategy, rank: int) -> "Worker":
@@ -188,7 +194,7 @@ class Worker:
             feed=EpochFeed(layout.train_shards[rank], config, layout.rows_per_worker, rank, layout.batch_size),
             validation=EvaluationFeed(layout.val_shards[rank], config, layout.val_rows) if layout.val_shards else None,
             state=TrainState(config), mixed_precision=mixed_precision, started=time.perf_counter(),
-            last_checkpoint_at=time.perf_counter(),
+            last_checkpoint_at=time.perf_counter(), sinks=EpochSinks(build_sinks(plan, rank)),
         )  # fmt: skip
 
     def restore(self, checkpoint) -> None:
@@ -331,6 +337,7 @@ class Worker:
             metrics["stopped_early"] = state.stopped_early
         if self.rank == 0:
             logger.info(epoch_line(metrics, self.plan.config.train.epochs, self._eta(metrics["epoch"])))
+            self.sinks.epoch_finished(metrics)
             if state.stopped_early:
                 logger.info(
                     "early stopping: %s did not improve for %d epochs; %s", early.monitor, early.patience,
