@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ TEST_SECRET_KEY = "imgcls-secret-d0-not-leak-7f3a9c"
 
 # Fixtures that start a real service (Ray, an S3 endpoint) or need one: a test that uses any of them,
 # directly or through another fixture, is marked `services` and left out of `make test-fast`.
-SERVICE_FIXTURES = {"ray_session", "s3_endpoint", "ceph_rgw_endpoint"}
+SERVICE_FIXTURES = {"ray_session", "s3_endpoint", "ceph_rgw_endpoint", "trained_one_worker"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -132,12 +134,29 @@ def ray_session(s3_endpoint):
     ray.shutdown()
 
 
+@contextmanager
+def shared_by_the_test_processes(tmp_path_factory, worker_id: str, name: str) -> Iterator[tuple[Path, bool]]:
+    """A folder every process of this `pytest -n` run shares (its own one without -n), held under
+    a file lock: (folder, whether it is complete). The first process to get the lock builds it, the
+    others wait and reuse it, so an expensive session fixture is made once per run, not per process."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # every xdist process's base folder is inside the run's own one
+        root = root.parent
+    folder = root / f"shared_{name}"
+    with FileLock(str(folder) + ".lock"):
+        yield folder, (folder / ".complete").exists()
+
+
 @pytest.fixture(scope="session")
-def pattern_dataset(tmp_path_factory) -> Path:
+def pattern_dataset(tmp_path_factory, worker_id) -> Path:
     """Two learnable classes (horizontal vs vertical stripes), 48 images each, 16x16 PNG."""
-    root = tmp_path_factory.mktemp("patterns") / "train"
-    write_pattern_dataset(root, per_class=48, num_classes=2, size=IMAGE_SIZE, seed=1)
-    return root
+    with shared_by_the_test_processes(tmp_path_factory, worker_id, "patterns") as (folder, complete):
+        if not complete:
+            write_pattern_dataset(folder / "train", per_class=48, num_classes=2, size=IMAGE_SIZE, seed=1)
+            (folder / ".complete").touch()
+    return folder / "train"
 
 
 @pytest.fixture(scope="session")
@@ -160,14 +179,21 @@ def tiny_job_overrides(train_uri: Path, output_dir: Path, workers: int = 1, epoc
 
 
 @pytest.fixture(scope="session")
-def trained_one_worker(ray_session, pattern_dataset, tmp_path_factory):
-    """One real single-worker training run, shared by the train, artifact and predict tests."""
+def trained_one_worker(request, pattern_dataset, tmp_path_factory, worker_id):
+    """One real single-worker training run, shared by the train, artifact and predict tests (made
+    once per test run: the other processes wait for it and read its result). Tests read it, never
+    change it."""
     from imgcls import train
     from imgcls.config import load_job_config
 
-    output_dir = tmp_path_factory.mktemp("run_one_worker")
-    config = load_job_config(None, tiny_job_overrides(pattern_dataset, output_dir, workers=1))
-    return train.run(config), output_dir
+    request.getfixturevalue("ray_session")  # its users expect the suite's Ray, as before it was shared
+    with shared_by_the_test_processes(tmp_path_factory, worker_id, "run_one_worker") as (output_dir, complete):
+        if complete:
+            return train.TrainResult.model_validate_json((output_dir / ".complete").read_text()), output_dir
+        config = load_job_config(None, tiny_job_overrides(pattern_dataset, output_dir, workers=1))
+        result = train.run(config)
+        (output_dir / ".complete").write_text(result.model_dump_json())
+    return result, output_dir
 
 
 @pytest.fixture(scope="session")

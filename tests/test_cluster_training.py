@@ -217,6 +217,7 @@ def assert_finished_consistently(job: Job, bucket: Bucket, timeout: float) -> li
     return history
 
 
+@pytest.mark.long  # three minutes beside the suite's other processes: `make test-long`
 def test_lost_node_is_replaced_and_training_resumes_on_it(cluster, nodes, jobs, s3_endpoint, slow_dataset, tmp_path):
     bucket = Bucket(s3_endpoint, "cluster-training/replaced")
     job, killed = start_and_kill_after_checkpoint(cluster, nodes, jobs, bucket, slow_dataset, tmp_path, s3_endpoint, [])
