@@ -21,7 +21,8 @@ EVENT_FILE_PREFIX = "events.out.tfevents."  # how TensorFlow's writer names its 
 
 
 class TensorBoardSink:
-    """TensorBoard event files, written with TensorFlow's own writer and flushed after every epoch.
+    """TensorBoard event files, written with TensorFlow's own writer (`tf.summary.create_file_writer`)
+    and flushed after every epoch.
 
     TensorFlow writes only local files here (s3 would need tensorflow-io): for an s3 output_dir the
     events go to a local temporary folder and are uploaded after each epoch (they are small).
@@ -85,7 +86,10 @@ class TensorBoardSink:
                 continue
             with self.writers[split].as_default():
                 for name in names:
-                    tf.summary.scalar(name.removeprefix(prefix), float(metrics[name]), step=step)
+                    tf.summary.write(
+                        name.removeprefix(prefix), tf.constant(float(metrics[name]), tf.float32), step=step,
+                        metadata=scalar_metadata(),
+                    )  # fmt: skip
             self.held_steps[split].add(step)
             written = True
         return written
@@ -100,6 +104,16 @@ class TensorBoardSink:
             if path.is_file():
                 relative = path.relative_to(self.local_root).as_posix()
                 storage.write_bytes_atomic(self.destination.join(relative), path.read_bytes())
+
+
+def scalar_metadata():
+    """What marks a summary as a scalar for TensorBoard: the metadata `tf.summary.scalar` writes.
+    That function lives in the tensorboard package, which imgcls does not install (TensorBoard is
+    for whoever reads the events), so the summaries are written with `tf.summary.write` and this:
+    the same bytes as `tf.summary.scalar`'s."""
+    import tensorflow as tf
+
+    return tf.compat.v1.SummaryMetadata(plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
 
 
 def steps_held(folder: storage.Location) -> set[int]:
