@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import boto3
 import pytest
 from conftest import TEST_BUCKET, tiny_job_overrides
+from event_files import scalar_steps, scalar_values
 
 from imgcls import train
 from imgcls.config import load_job_config
@@ -20,32 +20,6 @@ from imgcls.training.tensorboard_sink import TensorBoardSink
 
 TRAIN_SCALARS = {"loss", "accuracy", "learning_rate", "images_per_second"}
 VALIDATION_SCALARS = {"loss", "accuracy"}
-
-
-def scalar_steps(folder: Path) -> dict[str, list[int]]:
-    """Every scalar's steps in the event files under `folder`, repeats kept, with TensorFlow's reader
-    (a summary counts when it is marked for TensorBoard's scalars plugin, as `tf.summary.scalar` marks it)."""
-    import tensorflow as tf
-
-    steps = defaultdict(list)
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.metadata.plugin_data.plugin_name == "scalars":
-                    steps[value.tag].append(event.step)
-    return {tag: sorted(found) for tag, found in steps.items()}
-
-
-def scalar_values(folder: Path, tag: str) -> dict[int, float]:
-    import tensorflow as tf
-
-    values = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return values
 
 
 def epoch(number: int, loss: float | None = None) -> dict:
