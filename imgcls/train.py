@@ -207,6 +207,8 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     worker_plan = _worker_plan(config, class_names, train_split, val_split, resources, initial_weights, multilabel)
     worker_plan.artifact_uri = output_dir.join("model").uri
     worker_plan.artifact_fields = _artifact_fields(config, class_names, data_summary, multilabel)
+    if config.train.tensorboard:
+        worker_plan.tensorboard_uri = output_dir.join("tensorboard").uri
     if profile_images is not None:
         worker_plan.profile_paths = profile_sample(profile_images.paths, config.seed)
         worker_plan.profile_source = profile_source
@@ -239,7 +241,7 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
                 artifact_profile_files(model, worker_plan),
             )  # fmt: skip
     fit_ended = time.time()
-    write_history(output_dir, state["history"], config.train.tensorboard)
+    write_history(output_dir, state["history"])
     artifact_uri = worker_plan.artifact_uri
     logger.info("model artifact %s written to %s", model_version, artifact_uri)
     _report_phases(output_dir, phases, state, result.metrics or {}, fit_started, fit_ended, started)

@@ -16,6 +16,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import REPO_ROOT
+from event_files import scalar_steps
 from image_factory import write_pattern_dataset
 
 from imgcls import train
@@ -88,7 +89,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, slow_datas
     config = load_job_config(
         None,
         [f"data.train={slow_dataset}", f"output_dir={tmp_path}", "train.epochs=4", "train.max_failures=2",
-         "train.checkpoint_every_epochs=2", *SLOW_RUN],
+         "train.checkpoint_every_epochs=2", "train.tensorboard=true", *SLOW_RUN],
     )  # fmt: skip
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=train.run(config)), daemon=True)
@@ -108,6 +109,8 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, slow_datas
     assert history_epochs(tmp_path) == [1, 2, 3, 4]
     assert [entry["epoch"] for entry in outcome["result"].history] == [1, 2, 3, 4]
     assert checkpoint_epochs(tmp_path) == [2, 4]  # the restart began after epoch 2 and repeated only 3
+    # Each epoch once in TensorBoard too: the restart's file skips the steps the first one holds.
+    assert scalar_steps(tmp_path / "tensorboard" / "train")["loss"] == [1, 2, 3, 4]
     assert (tmp_path / "model" / "model.keras").is_file()
     assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -335,7 +335,11 @@ class TrainConfig(StrictModel):
     mixed_precision: bool = Field(
         default=False, description="float16 compute with loss scaling; only applied when scaling.use_gpu is on."
     )
-    tensorboard: bool = Field(default=False, description="Write TensorBoard event files to output_dir/tensorboard.")
+    tensorboard: bool = Field(
+        default=False,
+        description="Write TensorBoard event files to output_dir/tensorboard, from rank 0 as each epoch ends: "
+        "`tensorboard --logdir OUTPUT_DIR/tensorboard` shows the run while it trains.",
+    )
 
     @field_validator("class_weights", mode="before")
     @classmethod

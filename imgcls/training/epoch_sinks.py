@@ -28,7 +28,14 @@ def build_sinks(plan, rank: int) -> list[EpochSink]:
     """Rank 0's sinks for this run (none on other ranks)."""
     if rank != 0:
         return []
-    return []
+    sinks: list[EpochSink] = []
+    if plan.tensorboard_uri:  # the driver sets it when train.tensorboard is on
+        from imgcls.platform import storage
+        from imgcls.training.tensorboard_sink import TensorBoardSink
+
+        destination = storage.resolve(plan.tensorboard_uri, plan.config.storage.endpoint_url)
+        sinks.append(TensorBoardSink(destination, plan.multilabel))
+    return sinks
 
 
 class EpochSinks:

@@ -58,6 +58,7 @@ class WorkerPlan(BaseModel):
     initial_weights: Any | None = None  # a Ray object reference to the starting weights, or None
     artifact_uri: str | None = None  # where rank 0 writes the model artifact when training ends
     artifact_fields: dict[str, Any] = {}  # its metadata, less the final metrics
+    tensorboard_uri: str | None = None  # where rank 0 writes TensorBoard events as epochs end, when train.tensorboard
     profile_paths: list[str] = []  # the images of the artifact's reference profile (imgcls.monitoring)
     profile_source: str = "validation"  # or train_holdout: a slice of train kept out of training for it
 
