@@ -25,10 +25,15 @@ class EpochSink(Protocol):
 
 
 def build_sinks(plan, rank: int) -> list[EpochSink]:
-    """Rank 0's sinks for this run (none on other ranks)."""
+    """Rank 0's sinks for this run (none on other ranks). Each is imported only when the run uses it."""
     if rank != 0:
         return []
-    return []
+    sinks: list[EpochSink] = []
+    if plan.tracking is not None:
+        from imgcls.tracking.epoch_sink import MlflowEpochSink
+
+        sinks.append(MlflowEpochSink(plan.tracking))
+    return sinks
 
 
 class EpochSinks:
