@@ -20,13 +20,15 @@ SERVER_CHECK_TIMEOUT_S = 5
 
 # MLflow retries a failed request 7 times with doubling waits and a 120 s timeout: minutes before a
 # call fails, which a training's epoch loop must never wait. Bounded here, a refused connection fails
-# in about 3 s and a server that stopped answering in about a minute, once (the sink is then dropped).
+# in about 3 s and a server that stopped answering in about a minute, once (then tracking stops).
 # An operator's own values of these variables win.
 BOUNDED_REQUESTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    # MLflow prints the run's URL to stdout when a run ends; the job logs it itself at the start.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 

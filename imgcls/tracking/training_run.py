@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from imgcls.config import JobConfig
-from imgcls.errors import UserError, clip
+from imgcls.errors import UserError, clip, redact
 from imgcls.platform import storage
 from imgcls.tracking.artifacts import log_outputs, set_tags
 from imgcls.tracking.params import config_params
@@ -98,10 +98,17 @@ def start_training_run(config: JobConfig, output_dir: storage.Location) -> Train
             "permissions; unset both to train without tracking."
         ) from None
     logger.info(
-        "tracking in MLflow at %s: experiment %s, %s run %s", clip(uri), clip(name),
-        "resumed" if resumed else "new", run_id,
+        "tracking in MLflow at %s: experiment %s, %s run %s%s", clip(uri), clip(name),
+        "resumed" if resumed else "new", run_id, run_link(uri, experiment, run_id),
     )  # fmt: skip
     return TrainingRun(client, uri, run_id, output_dir)
+
+
+def run_link(uri: str, experiment: str, run_id: str) -> str:
+    """` (UI-URL)` of the run on an HTTP server, empty otherwise."""
+    if not uri.lower().startswith(("http://", "https://")):
+        return ""
+    return f" ({redact(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id})"
 
 
 def log_params(client, run_id: str, params: dict[str, str]) -> None:
