@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# pip byte-compiles every installed file on one core; these machines set PYTHONDONTWRITEBYTECODE,
 	# so that is the only bytecode cache there is. compileall does the same on every core.
-	$(BIN)/python -m pip install --quiet --progress-bar off --no-compile -e '.[dev,plots,export]'
+	$(BIN)/python -m pip install --quiet --progress-bar off --no-compile -e '.[dev,plots,export,tracking]'
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib
 	touch $(STAMP)
 

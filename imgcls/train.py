@@ -156,11 +156,37 @@ def _decode_data(config: JobConfig, train_images, val_images):
 
 
 def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: bool = True) -> TrainResult:
-    """Train `config` on the current Ray cluster and write the model artifact to `output_dir/model`.
+    """Train `config` on the current Ray cluster and write the model artifact to `output_dir/model`;
+    with tracking on (imgcls.tracking), in an MLflow run that a rerun into the same output_dir continues.
 
     `callbacks` are Ray Train callbacks (Ray Tune passes its report callback here). A Tune trial
     plans with the cluster's total CPUs (`plan_with_free_cpus=False`): the search already gave it
     its share, and CPUs a stopped trial is still releasing are worth waiting for."""
+    from imgcls.tracking.settings import tracking_uri
+
+    started = time.time()
+    storage.configure(config.storage)
+    output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
+    _check_resumable(output_dir, config)
+    tracked = None
+    if tracking_uri(config.tracking) is not None:  # MLflow is imported only then
+        from imgcls.tracking.training_run import start_training_run
+
+        tracked = start_training_run(config, output_dir)  # exit 2 when its server does not answer
+    try:
+        result = _train(config, output_dir, tracked, callbacks, plan_with_free_cpus, started)
+    except BaseException as error:
+        if tracked is not None:
+            tracked.failed(killed=isinstance(error, KeyboardInterrupt))
+        raise
+    if tracked is not None:
+        tracked.finished(result.model_version)
+    return result
+
+
+def _train(config: JobConfig, output_dir: storage.Location, tracked, callbacks: list | None, plan_with_free_cpus: bool,
+           started: float) -> TrainResult:  # fmt: skip
+    """The training itself: data, Ray Train, the artifact and the history (`tracked`: the MLflow run or None)."""
     from imgcls.modeling.artifact import task_for
     from imgcls.modeling.initial_weights import prepare_initial_weights
     from imgcls.platform.ray_runtime import cluster_totals, ensure_ray, free_resources
@@ -169,16 +195,13 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     from imgcls.training.checkpoint import load_final_model, read_final_state
     from imgcls.training.worker import artifact_profile_files
 
-    started = time.time()
-    storage.configure(config.storage)
+    ray_started = time.time()
     ensure_ray()
-    phases = {"ray_s": time.time() - started}
+    phases = {"ray_s": time.time() - ray_started}
     totals = free_resources() if plan_with_free_cpus else cluster_totals()
     resources = plan_training(config.scaling, totals["CPU"], totals["GPU"])
     logger.info("resource plan: %s", resources.describe())
 
-    output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
-    _check_resumable(output_dir, config)
     storage.write_text_atomic(output_dir.join("config.yaml"), config_to_yaml(config))
     class_names, train_images, val_images, multilabel = _list_data(config)
     train_images, profile_images, profile_source = _profile_images(config, train_images, val_images)
@@ -204,7 +227,10 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     }
     if multilabel:
         data_summary.update(_multilabel_summary(train_split, val_split))
+    if tracked is not None:
+        tracked.data_ready(data_summary)
     worker_plan = _worker_plan(config, class_names, train_split, val_split, resources, initial_weights, multilabel)
+    worker_plan.tracking = tracked.target if tracked is not None else None
     worker_plan.artifact_uri = output_dir.join("model").uri
     worker_plan.artifact_fields = _artifact_fields(config, class_names, data_summary, multilabel)
     if config.train.tensorboard:
@@ -213,7 +239,7 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
         worker_plan.profile_paths = profile_sample(profile_images.paths, config.seed)
         worker_plan.profile_source = profile_source
     trainer = _trainer(config, worker_plan, resources, output_dir, callbacks)
-    phases["data_s"] = time.time() - started - phases["ray_s"]
+    phases["data_s"] = time.time() - ray_started - phases["ray_s"]
     fit_started = time.time()
     logger.info(
         "training %s on %d images (%d steps of %d per worker and epoch), %d validation images", config.model.name,

@@ -16,8 +16,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Tests start their own clusters; a developer's RAY_ADDRESS must not leak into them.
+# Tests start their own clusters and tracking servers; a developer's RAY_ADDRESS or MLflow server
+# must not leak into them.
 os.environ.pop("RAY_ADDRESS", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 from image_factory import write_pattern_dataset  # noqa: E402
 
@@ -31,7 +33,7 @@ TEST_SECRET_KEY = "imgcls-secret-d0-not-leak-7f3a9c"
 
 # Fixtures that start a real service (Ray, an S3 endpoint) or need one: a test that uses any of them,
 # directly or through another fixture, is marked `services` and left out of `make test-fast`.
-SERVICE_FIXTURES = {"ray_session", "s3_endpoint", "ceph_rgw_endpoint", "trained_one_worker"}
+SERVICE_FIXTURES = {"ray_session", "s3_endpoint", "ceph_rgw_endpoint", "trained_one_worker", "mlflow_server"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -101,6 +103,17 @@ def ceph_rgw_endpoint(s3_endpoint, tmp_path_factory):
         yield gateway.endpoint
     finally:
         gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (tests/mlflow_server.py), started once; its URI."""
+    pytest.importorskip("mlflow", reason="the tracking extra is not installed: pip install -e '.[tracking]'")
+    from mlflow_server import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
+    yield server.uri
+    server.stop()
 
 
 def upload_tree(local_root: Path, bucket: str, prefix: str, endpoint_url: str | None = None) -> list[str]:

@@ -1,9 +1,11 @@
 """The packages' import rules, checked in fresh processes: validating a config, raising a user error
-and listing data load neither TensorFlow nor Ray, and nothing in imgcls imports the job scripts."""
+and listing data load neither TensorFlow nor Ray, nothing in imgcls imports the job scripts, and a
+training without tracking loads no MLflow."""
 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 
@@ -49,3 +51,25 @@ def test_no_module_of_the_package_imports_the_job_scripts():
             if isinstance(node, ast.ImportFrom) and node.module:
                 names.append(node.module)
             assert not any(name == "jobs" or name.startswith("jobs.") for name in names), path
+
+
+def test_training_without_tracking_never_imports_mlflow(tmp_path):
+    # The driver's and the worker's modules, the tracking settings, and rank 0's sinks of a plan without
+    # tracking: MLflow (an optional extra) stays unloaded, installed or not.
+    script = (
+        "import sys, types\n"
+        "import imgcls.train, imgcls.training.worker, imgcls.tracking, imgcls.tracking.params\n"
+        "from imgcls.config import load_job_config\n"
+        "from imgcls.tracking.settings import tracking_uri\n"
+        "from imgcls.training.epoch_sinks import build_sinks\n"
+        f"config = load_job_config(None, ['data.train={tmp_path}', 'output_dir={tmp_path.parent / 'out'}'])\n"
+        "assert tracking_uri(config.tracking) is None\n"
+        "assert build_sinks(types.SimpleNamespace(tracking=None), 0) == []\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] == 'mlflow'))\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    finished = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=environment
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert finished.stdout.strip() == "[]"

@@ -3,6 +3,7 @@
     common      the strict base, storage settings, limits, location comparisons
     training    the training job (`jobs/train.py --config`)
     tuning      its `tune:` section
+    tracking    its `tracking:` section (MLflow)
     inference   predict and evaluate (the settings they share written once)
     export      the export job (an artifact to saved_model, onnx or litert)
     report      the report job (the trend report over a predictions output's run records)
@@ -52,6 +53,7 @@ from imgcls.config.training import (
     ScheduleConfig,
     TrainConfig,
 )  # fmt: skip
+from imgcls.config.tracking import DEFAULT_EXPERIMENT, TrackingConfig
 from imgcls.config.tuning import SEARCH_DOMAINS, TuneSettings
 
 __all__ = [
@@ -59,8 +61,8 @@ __all__ = [
     "DataConfig", "EarlyStoppingConfig", "EvaluateConfig", "FinetuneConfig", "InferenceSettings", "JobConfig",
     "MAX_CONFIG_BYTES", "MAX_IMAGE_PIXELS_LIMIT", "MAX_IMAGE_SIDE", "MIN_IMAGE_PIXELS_LIMIT", "MIN_IMAGE_SIDE",
     "ModelConfig", "NoAliasSafeLoader", "Placement", "PredictConfig", "SEARCH_DOMAINS", "ScalingConfig",
-    "ScheduleConfig", "StorageConfig", "StrictModel", "TrainConfig", "TuneSettings", "build_model", "config_to_yaml",
+    "ScheduleConfig", "StorageConfig", "StrictModel", "TrackingConfig", "TrainConfig", "TuneSettings", "build_model", "config_to_yaml",
     "format_validation_error", "load_job_config", "merge", "metric_mode", "normalised_uri", "parse_overrides",
     "pool_settings", "read_yaml_mapping", "set_dotted", "uri_contains",
-    "EXPORT_FORMATS", "ExportConfig", "ExportFormat", "DEFAULT_REPORT_FOLDER", "ReportConfig",
+    "DEFAULT_EXPERIMENT", "EXPORT_FORMATS", "ExportConfig", "ExportFormat", "DEFAULT_REPORT_FOLDER", "ReportConfig",
 ]  # fmt: skip

@@ -285,9 +285,13 @@ def build_model(model_type: type[StrictModel], values: dict[str, Any], source: s
 
 
 def load_job_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
-    """Defaults, then the YAML file at `path`, then `--set` overrides."""
+    """Defaults, then the YAML file at `path`, then `--set` overrides. `tracking.experiment` left unset
+    becomes the file's name without its extension: the runs of one config file go to one experiment."""
     values = read_yaml_mapping(path) if path is not None else {}
     values = merge(values, parse_overrides(overrides or []))
+    tracking = values.get("tracking", {})
+    if path is not None and isinstance(tracking, dict) and tracking.get("experiment") is None:
+        values["tracking"] = {**tracking, "experiment": Path(path).stem}
     source = str(path) if path is not None else "overrides"
     if overrides:
         source += " with --set overrides"

@@ -1,5 +1,5 @@
 """The training job's config (`jobs/train.py --config`): data, augmentation, model, fine-tuning,
-optimisation and scaling. Imports no TensorFlow or Ray."""
+optimisation, scaling and tracking. Imports no TensorFlow or Ray."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from imgcls.config.common import (
     normalised_uri,
     uri_contains,
 )  # fmt: skip
+from imgcls.config.tracking import TrackingConfig
 from imgcls.config.tuning import TuneSettings
 from imgcls.errors import clip, shorten
 
@@ -437,6 +438,7 @@ class JobConfig(StrictModel):
         "local or s3://.",
     )
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = Field(default=0, description="Seeds the train/val split, weight initialisation and data order.")
 
     @field_validator("output_dir")

@@ -25,7 +25,7 @@ class EpochSink(Protocol):
 
 
 def build_sinks(plan, rank: int) -> list[EpochSink]:
-    """Rank 0's sinks for this run (none on other ranks)."""
+    """Rank 0's sinks for this run (none on other ranks). Each is imported only when the run uses it."""
     if rank != 0:
         return []
     sinks: list[EpochSink] = []
@@ -35,6 +35,10 @@ def build_sinks(plan, rank: int) -> list[EpochSink]:
 
         destination = storage.resolve(plan.tensorboard_uri, plan.config.storage.endpoint_url)
         sinks.append(TensorBoardSink(destination, plan.multilabel))
+    if plan.tracking is not None:
+        from imgcls.tracking.epoch_sink import MlflowEpochSink
+
+        sinks.append(MlflowEpochSink(plan.tracking))
     return sinks
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from imgcls.config import JobConfig
 from imgcls.errors import clip
+from imgcls.tracking.settings import TrackingTarget
 from imgcls.training.epoch_sinks import EpochSinks, build_sinks
 from imgcls.training.feed import EpochFeed, EvaluationFeed
 from imgcls.training.finetune import PhasePlan
@@ -61,6 +62,7 @@ class WorkerPlan(BaseModel):
     tensorboard_uri: str | None = None  # where rank 0 writes TensorBoard events as epochs end, when train.tensorboard
     profile_paths: list[str] = []  # the images of the artifact's reference profile (imgcls.monitoring)
     profile_source: str = "validation"  # or train_holdout: a slice of train kept out of training for it
+    tracking: TrackingTarget | None = None  # the MLflow run rank 0 logs each epoch to (imgcls.tracking)
 
     @property
     def max_workers(self) -> int:

@@ -1,0 +1,52 @@
+"""The `tracking:` section of a training config: where a run is tracked in MLflow (README, Experiment
+tracking with MLflow). Imports no TensorFlow, Ray or MLflow."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from imgcls.config.common import CREDENTIALS_ERROR_TYPE, StrictModel
+
+# Experiment of a run whose config came from no file (only --set overrides).
+DEFAULT_EXPERIMENT = "imgcls"
+
+
+# MLflow's longest experiment name (and a run name shown in one table cell).
+MAX_EXPERIMENT_NAME_CHARACTERS = 500
+
+
+class TrackingConfig(StrictModel):
+    """Off unless a tracking URI is set here or in the environment's MLFLOW_TRACKING_URI."""
+
+    mlflow_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking server the run logs to, e.g. http://mlflow:5000. Unset: the environment's "
+        "MLFLOW_TRACKING_URI; neither: no tracking. Credentials never go here: MLflow reads them from "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN.",
+    )
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_EXPERIMENT_NAME_CHARACTERS,
+        description="MLflow experiment of the run, created when missing. Unset: the config file's name without "
+        f"its extension (`digits` for examples/configs/digits.yaml), `{DEFAULT_EXPERIMENT}` without a file.",
+    )
+    run_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_EXPERIMENT_NAME_CHARACTERS,
+        description="Name of the MLflow run. Unset: one MLflow makes up. A resumed run keeps the name it started with.",
+    )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, value: str | None) -> str | None:
+        # The resolved config is saved in output_dir and logged as params: a password in it would be too.
+        if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+            raise PydanticCustomError(
+                CREDENTIALS_ERROR_TYPE,
+                "must not contain credentials; use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                "or MLFLOW_TRACKING_TOKEN",
+            )
+        return value or None

@@ -1,0 +1,30 @@
+"""Whether a training run is tracked in MLflow and where, and what the driver hands rank 0's epoch
+sink (`TrackingTarget`). Imports no MLflow: a run without tracking never loads it."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel
+
+from imgcls.config import DEFAULT_EXPERIMENT, TrackingConfig
+
+# MLflow's own variable: a team's server, set once for every tool.
+TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
+
+
+class TrackingTarget(BaseModel):
+    """The MLflow run one training logs to (`WorkerPlan.tracking`)."""
+
+    tracking_uri: str
+    run_id: str
+
+
+def tracking_uri(config: TrackingConfig) -> str | None:
+    """`tracking.mlflow_uri`, else the environment's MLFLOW_TRACKING_URI; None: tracking is off."""
+    return config.mlflow_uri or os.environ.get(TRACKING_URI_VARIABLE, "").strip() or None
+
+
+def experiment_name(config: TrackingConfig) -> str:
+    """`tracking.experiment` (load_job_config fills in the config file's name), else `imgcls`."""
+    return config.experiment or DEFAULT_EXPERIMENT

@@ -1,0 +1,245 @@
+"""MLflow tracking of training against a real tracking server (tests/mlflow_server.py): what a run
+holds, that no credential reaches it, a server down at the start (exit 2) or lost mid-run (training
+finishes), and a driver-killed run that continues the same MLflow run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, TEST_ACCESS_KEY, TEST_BUCKET, TEST_SECRET_KEY, free_port, tiny_job_overrides
+from image_factory import write_pattern_dataset
+
+from imgcls import cli, train
+from imgcls.config import JobConfig, load_job_config
+from imgcls.errors import ConfigError
+from imgcls.tracking.epoch_sink import epoch_metric_values
+from imgcls.tracking.params import MAX_PARAM_VALUE_CHARACTERS, config_params
+from imgcls.tracking.settings import experiment_name, tracking_uri
+
+# Metrics every epoch of a run with validation reports.
+PER_EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second", "epoch_seconds")
+
+
+def mlflow_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def recorded_run_id(output_dir: Path) -> str:
+    return json.loads((output_dir / "tracking.json").read_text())["run_id"]
+
+
+def metric_steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(point.step for point in client.get_metric_history(run_id, key))
+
+
+def git_head() -> str:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+
+# --- without a server ---
+
+
+def test_the_experiment_defaults_to_the_config_files_name(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config_file = tmp_path / "digits.yaml"
+    config_file.write_text("data:\n  train: /data/train\noutput_dir: /runs/digits\n")
+    from_file = load_job_config(config_file, ["tracking.mlflow_uri=http://mlflow:5000"])
+    assert experiment_name(from_file.tracking) == "digits"
+    assert tracking_uri(from_file.tracking) == "http://mlflow:5000"
+    named = load_job_config(config_file, ["tracking.experiment=nightly"])
+    assert experiment_name(named.tracking) == "nightly"
+    without_file = load_job_config(None, ["data.train=/data/train", "output_dir=/runs/x"])
+    assert experiment_name(without_file.tracking) == "imgcls"
+    assert tracking_uri(without_file.tracking) is None  # neither the config nor the environment: off
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://team-mlflow:5000")
+    assert tracking_uri(without_file.tracking) == "http://team-mlflow:5000"
+
+
+def test_a_tracking_uri_with_credentials_is_refused_without_echoing_them():
+    with pytest.raises(ConfigError) as refused:
+        load_job_config(None, ["data.train=/d", "output_dir=/o", "tracking.mlflow_uri=http://me:hunter2@mlflow:5000"])
+    assert "tracking.mlflow_uri" in str(refused.value) and "hunter2" not in str(refused.value)
+
+
+def test_params_are_flat_text_without_storage_or_credentials(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY)
+    config = JobConfig.model_validate(
+        {"data": {"train": "s3://bucket/train", "image_size": [16, 16]}, "output_dir": "s3://bucket/run",
+         "storage": {"endpoint_url": "http://minio:9000"}, "train": {"class_weights": {"cat/dog": 2.0}}}
+    )  # fmt: skip
+    values = config.model_dump(mode="json")
+    values["extra"] = {
+        "api_token": "abc", "note": f"copied {TEST_SECRET_KEY} by mistake", "id": TEST_ACCESS_KEY,
+        "url": "http://user:pw@host/x", "long": "x" * 2000,
+    }  # fmt: skip
+    params = config_params(values)
+    assert params["data.image_size"] == "[16, 16]"
+    assert params["train.epochs"] == "10" and params["train.deterministic"] == "true"
+    assert params["data.val"] == "null" and params["tracking.mlflow_uri"] == "null"
+    assert params["train.class_weights.cat_dog"] == "2.0"  # `/` is refused in MLflow names
+    assert not [key for key in params if key.startswith("storage.")]
+    assert "extra.api_token" not in params and "extra.note" not in params and "extra.id" not in params
+    assert params["extra.url"] == "http://***@host/x"
+    assert len(params["extra.long"]) == MAX_PARAM_VALUE_CHARACTERS and params["extra.long"].endswith("(2,000 characters)")
+    assert not [value for value in params.values() if TEST_SECRET_KEY in value or TEST_ACCESS_KEY in value]
+
+
+def test_epoch_metrics_are_the_numbers_only():
+    metrics = {"epoch": 3, "loss": 0.5, "workers": 1, "weights_checksums": [1.0, 1.0], "stopped_early": False,
+               "thresholds": [0.5], "_model_version": "v", "val_loss": float("nan")}  # fmt: skip
+    assert epoch_metric_values(metrics) == {"loss": 0.5, "workers": 1.0}
+
+
+def test_a_server_down_at_the_start_exits_2_naming_it(pattern_dataset, tmp_path, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    started = time.monotonic()
+    code = cli.main(
+        ["train", "--config", str(REPO_ROOT / "examples/configs/smoke.yaml"), "--set", f"data.train={pattern_dataset}",
+         "--set", f"output_dir={tmp_path / 'run'}", "--set", f"tracking.mlflow_uri={uri}"]
+    )  # fmt: skip
+    assert code == 2
+    assert time.monotonic() - started < 30
+    error = capsys.readouterr().err
+    assert uri in error and "does not answer" in error and "Traceback" not in error
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- against a real server ---
+
+
+def test_a_tracked_training_holds_its_params_metrics_tags_and_artifacts(ray_session, mlflow_server, pattern_dataset, tmp_path):
+    overrides = tiny_job_overrides(pattern_dataset, tmp_path, epochs=3)
+    config = load_job_config(None, [*overrides, f"tracking.mlflow_uri={mlflow_server}", "tracking.experiment=tracked"])
+    result = train.run(config)
+    client = mlflow_client(mlflow_server)
+    run = client.get_run(recorded_run_id(tmp_path))
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "tracked"
+    params = run.data.params
+    assert params["train.epochs"] == "3" and params["data.image_size"] == "[16, 16]"
+    assert params["data.train"] == str(pattern_dataset) and params["model.name"] == "seed_cnn"
+    assert not [key for key in params if key.startswith("storage.")]
+    for key in PER_EPOCH_METRICS:
+        assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
+    assert "weights_checksums" not in run.data.metrics and "epoch" not in run.data.metrics
+    tags = run.data.tags
+    summary = json.loads((tmp_path / "model" / "metadata.json").read_text())["data_summary"]
+    assert tags["model_version"] == result.model_version
+    assert tags["data.train"] == str(pattern_dataset) and tags["imgcls.output_dir"] == str(tmp_path)
+    assert tags["train_images"] == str(summary["train_images"]) and tags["val_images"] == str(summary["val_images"])
+    assert tags["git_commit"] == git_head() and len(tags["git_commit"]) == 40
+    assert tags["imgcls.artifact_uri"] == str(tmp_path / "model")
+    artifacts = {entry.path for entry in client.list_artifacts(run.info.run_id)}
+    assert {"model", "training_curves.png", "history.csv", "skipped_images.parquet", "augmentation_samples.png",
+            "config.yaml"} <= artifacts  # fmt: skip
+    assert {"model/model.keras", "model/metadata.json"} <= {entry.path for entry in client.list_artifacts(run.info.run_id, "model")}
+    downloaded = client.download_artifacts(run.info.run_id, "model/metadata.json", str(tmp_path / "downloaded"))
+    assert json.loads(Path(downloaded).read_text())["model_version"] == result.model_version
+
+
+def test_no_credentials_reach_mlflow_and_bucket_outputs_are_linked(ray_session, mlflow_server, pattern_dataset, s3_endpoint):
+    import boto3
+
+    output = f"s3://{TEST_BUCKET}/tracking/{uuid.uuid4().hex}"
+    overrides = tiny_job_overrides(pattern_dataset, output, epochs=1)
+    # The suite's fake credentials are in this process's environment (and its Ray's).
+    config = load_job_config(
+        None, [*overrides, f"storage.endpoint_url={s3_endpoint}", f"tracking.mlflow_uri={mlflow_server}",
+               "tracking.experiment=credentials"],
+    )  # fmt: skip
+    train.run(config)
+    bucket, prefix = output.removeprefix("s3://").split("/", 1)
+    record = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=bucket, Key=f"{prefix}/tracking.json")
+    client = mlflow_client(mlflow_server)
+    run = client.get_run(json.loads(record["Body"].read())["run_id"])
+    texts = [*run.data.params.keys(), *run.data.params.values(), *run.data.tags.keys(), *run.data.tags.values()]
+    assert not [text for text in texts if TEST_ACCESS_KEY in text or TEST_SECRET_KEY in text]
+    assert not [key for key in run.data.params if key.startswith("storage.")]
+    tags = run.data.tags
+    assert tags["imgcls.outputs"] == "linked" and tags["imgcls.artifact_uri"] == f"{output}/model"
+    assert tags["imgcls.history_uri"] == f"{output}/history.csv"
+    assert tags["imgcls.training_curves_uri"] == f"{output}/training_curves.png"
+    assert client.list_artifacts(run.info.run_id) == []  # the bucket is the store: nothing copied
+    assert run.info.status == "FINISHED"
+
+
+def test_a_server_lost_mid_run_leaves_training_finishing(ray_session, pattern_dataset, tmp_path, caplog):
+    from mlflow_server import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path / "mlflow")
+    output_dir = tmp_path / "run"
+    config = load_job_config(
+        None, [*tiny_job_overrides(pattern_dataset, output_dir, epochs=8), f"tracking.mlflow_uri={server.uri}"]
+    )
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(result=train.run(config)), daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="imgcls"):
+            runner.start()
+            client = mlflow_client(server.uri)
+            deadline = time.monotonic() + 300
+            while not ((output_dir / "tracking.json").exists() and client.get_metric_history(recorded_run_id(output_dir), "loss")):
+                assert time.monotonic() < deadline and runner.is_alive(), "epoch 1 never reached MLflow"
+                time.sleep(0.05)
+            server.kill()
+            runner.join(timeout=300)
+    finally:
+        server.kill()
+    assert "result" in outcome, "training did not finish after its tracking server was lost"
+    assert [entry["epoch"] for entry in outcome["result"].history] == list(range(1, 9))
+    assert (output_dir / "model" / "metadata.json").is_file()
+    warnings = [record for record in caplog.records if record.levelno >= logging.WARNING and "MLflow" in record.getMessage()]
+    assert len(warnings) == 1 and server.uri in warnings[0].getMessage(), [record.getMessage() for record in warnings]
+
+
+@pytest.fixture(scope="module")
+def resumable_dataset(tmp_path_factory) -> Path:
+    """Epochs of about a second on 2 cores, so that a driver can be killed between two of them."""
+    root = tmp_path_factory.mktemp("resumable") / "train"
+    write_pattern_dataset(root, per_class=200, size=32, seed=7)
+    return root
+
+
+def test_a_driver_killed_and_rerun_continues_the_same_mlflow_run(ray_session, mlflow_server, resumable_dataset, tmp_path):
+    from test_fault_tolerance import SLOW_RUN, checkpoint_epochs, wait_for_checkpoint, wait_for_snapshot
+
+    experiment = f"resumed-{uuid.uuid4().hex[:8]}"
+    command = [
+        sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--config", str(REPO_ROOT / "examples/configs/smoke.yaml"),
+        "--set", f"data.train={resumable_dataset}", "--set", f"output_dir={tmp_path}", "--set", "train.epochs=4",
+        "--set", "data.channels=3", "--set", "train.checkpoint_every_epochs=1",
+        "--set", f"tracking.mlflow_uri={mlflow_server}", "--set", f"tracking.experiment={experiment}",
+    ] + [argument for setting in SLOW_RUN for argument in ("--set", setting)]  # fmt: skip
+    environment = {**os.environ, "RAY_ADDRESS": ray_session}
+    first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_checkpoint(tmp_path, 1)
+        wait_for_snapshot(tmp_path)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert not (tmp_path / "model").exists() and checkpoint_epochs(tmp_path)[-1] < 4
+    run_id = recorded_run_id(tmp_path)
+    second = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed run" in second.stdout + second.stderr
+    assert recorded_run_id(tmp_path) == run_id
+    client = mlflow_client(mlflow_server)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    assert [run.info.run_id for run in client.search_runs([experiment_id])] == [run_id]
+    for key in PER_EPOCH_METRICS:
+        assert metric_steps(client, run_id, key) == [1, 2, 3, 4], key
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["model_version"]
