@@ -64,7 +64,7 @@ def test_training_without_tracking_never_imports_mlflow(tmp_path):
         "from imgcls.training.epoch_sinks import build_sinks\n"
         f"config = load_job_config(None, ['data.train={tmp_path}', 'output_dir={tmp_path.parent / 'out'}'])\n"
         "assert tracking_uri(config.tracking) is None\n"
-        "assert build_sinks(types.SimpleNamespace(tracking=None), 0) == []\n"
+        "assert build_sinks(types.SimpleNamespace(tracking=None, tensorboard_uri=None), 0) == []\n"
         "print(sorted(name for name in sys.modules if name.split('.')[0] == 'mlflow'))\n"
     )
     environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
