@@ -1,4 +1,4 @@
-"""One command-line front for every job: `imgcls train|predict|evaluate|tune|export|report`.
+"""One command-line front for every job: `imgcls train|predict|evaluate|tune|export|report|promote`.
 
 Exit codes a scheduler can alert on: 0 success, 2 user error (message, no traceback), 1 a failed run
 (a cluster or storage fault, a stall: one paragraph) or an internal failure (a traceback), 3 a bulk
@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", required=True, help="The predictions output to report on (predict's --output).")
     report.add_argument("--report-dir", default=None, help="Folder for report.md and its figures (default OUTPUT/_report).")
     _add_set_option(report)
+
+    promote = verbs.add_parser("promote", help="Point an alias of an MLflow registered model at one of its versions.")
+    promote.add_argument("name", help="Registered model name (tracking.register_as of its trainings).")
+    promote.add_argument("version", help="Version number to promote, e.g. 3.")
+    promote.add_argument("--alias", required=True, help="Alias to move, e.g. champion (predict --model models:/NAME@ALIAS).")
+    promote.add_argument("--mlflow-uri", default=None, help="MLflow tracking server (default: MLFLOW_TRACKING_URI).")
+    promote.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -119,7 +126,8 @@ def _train(arguments: argparse.Namespace) -> None:
 
     config = load_job_config(arguments.config, arguments.overrides)
     result = train.run(config)
-    print(f"model {result.model_version} written to {result.artifact_uri}")
+    registered = f", registered as {result.registered_as}" if result.registered_as else ""
+    print(f"model {result.model_version} written to {result.artifact_uri}{registered}")
 
 
 def _predict(arguments: argparse.Namespace) -> None:
@@ -208,6 +216,26 @@ def _report(arguments: argparse.Namespace) -> None:
     print(f"{summary.runs} run records read, {len(summary.figures)} figures -> {summary.report_uri}")
 
 
+def _promote(arguments: argparse.Namespace) -> None:
+    from imgcls.config.model_reference import VERSION_PATTERN, check_alias, check_model_name
+
+    try:
+        name, alias = check_model_name(arguments.name), check_alias(arguments.alias)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if not VERSION_PATTERN.fullmatch(arguments.version):
+        raise UserError(f"VERSION must be a registered version's number (1, 2, ...), not {clip(arguments.version, 80)}.")
+    from imgcls.tracking.registry import promote, registry_uri
+
+    uri = registry_uri(arguments.mlflow_uri, "imgcls promote changes an MLflow model registry", "--mlflow-uri URI")
+    promoted, previous = promote(name, arguments.version, alias, uri)
+    was = f"it named version {previous}" if previous else "a new alias"
+    print(
+        f"{promoted.reference} -> version {promoted.version} (model {promoted.model_version or '?'}, source "
+        f"{promoted.source}); {was}"
+    )
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "train": _train,
     "predict": _predict,
@@ -215,6 +243,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "tune": _tune,
     "export": _export,
     "report": _report,
+    "promote": _promote,
 }
 
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from imgcls.config import EvaluateConfig
 from imgcls.errors import ConfigError, DataError
+from imgcls.inference.registered_model import check_registered_version, registered_model
 from imgcls.platform import storage
 from imgcls.reporting.dataset_profile import (
     CLASS_BALANCE_FIGURE,
@@ -100,8 +101,11 @@ def run(config: EvaluateConfig) -> EvaluateSummary:
 
     started = time.perf_counter()
     storage.configure(config.storage)
+    config, registered = registered_model(config)
     endpoint_url = config.storage.endpoint_url
     metadata = read_metadata(config.model, endpoint_url)
+    if registered is not None:
+        check_registered_version(registered, metadata)
     class_names = metadata.class_names
     thresholds = resolve_thresholds(metadata, config.thresholds, config.min_score)
     if thresholds is None and config.min_score is not None:

@@ -15,6 +15,7 @@ from imgcls.errors import DataError, UserError
 from imgcls.inference.engine import prediction_batches
 from imgcls.inference.placement import ModelPlacement, choose_placement
 from imgcls.inference.predictor import PREDICTION_SCHEMA
+from imgcls.inference.registered_model import check_registered_version, registered_model
 from imgcls.inference.thresholds import resolve_thresholds, thresholds_by_class
 from imgcls.platform import output_runs, storage
 from imgcls.platform.output_runs import ChunkRecord, RunRecord
@@ -68,8 +69,11 @@ def run(config: PredictConfig) -> PredictSummary:
 
     started = time.perf_counter()
     storage.configure(config.storage)
+    config, registered = registered_model(config)
     endpoint_url = config.storage.endpoint_url
     metadata = read_metadata(config.model, endpoint_url)
+    if registered is not None:
+        check_registered_version(registered, metadata)
     thresholds = resolve_thresholds(metadata, config.thresholds, config.min_score)  # bad overrides: exit 2 now
     output = storage.resolve(config.output, endpoint_url)
     _check_input_and_output(config, output)
@@ -80,7 +84,7 @@ def run(config: PredictConfig) -> PredictSummary:
         output_runs.refuse_foreign_files(output, output_runs.survey(output))
     run_id = output_runs.new_run_id()
     with OutputLease(output, run_id, config.lock_ttl_s, config.lock_wait_s) as lease:
-        return _run_holding_lease(config, metadata, thresholds, listing, output, run_id, lease, started)
+        return _run_holding_lease(config, metadata, thresholds, listing, output, run_id, lease, started, registered)
 
 
 def _check_input_and_output(config: PredictConfig, output: storage.Location) -> None:
@@ -106,7 +110,7 @@ def _check_input_and_output(config: PredictConfig, output: storage.Location) -> 
 
 
 def _run_holding_lease(
-    config: PredictConfig, metadata, thresholds, listing, output, run_id: str, lease, started: float
+    config: PredictConfig, metadata, thresholds, listing, output, run_id: str, lease, started: float, registered=None
 ) -> PredictSummary:
     output_runs.discard_stale_staging(output)
     contents = output_runs.survey(output)
@@ -126,6 +130,7 @@ def _run_holding_lease(
         already_done=len(listing.paths) - len(todo), duplicates_dropped=listing.duplicates,
         model_placement=placement.kind, placement_reason=placement.reason, started=output_runs.now(),
         thresholds=thresholds_by_class(metadata.class_names, thresholds),
+        registered_model=registered.model_dump(include={"name", "version", "alias", "source"}) if registered else None,
     ))  # fmt: skip
     logger.info(
         "run %s: %d images listed under %s, %d already classified by model %s, %d to classify",

@@ -29,6 +29,7 @@ class TrainResult(BaseModel):
     model_version: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+    registered_as: str | None = None  # models:/NAME/VERSION with tracking.register_as
 
 
 def _write_augmentation_samples(output_dir: storage.Location, dataset, config: JobConfig) -> None:
@@ -169,6 +170,11 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
     _check_resumable(output_dir, config)
     tracked = None
+    if config.tracking.register_as and tracking_uri(config.tracking) is None:
+        raise ConfigError(
+            f"tracking.register_as is {config.tracking.register_as}, but tracking is off: set tracking.mlflow_uri "
+            "(or MLFLOW_TRACKING_URI) to the MLflow server whose registry holds the model."
+        )
     if tracking_uri(config.tracking) is not None:  # MLflow is imported only then
         from imgcls.tracking.training_run import start_training_run
 
@@ -181,6 +187,8 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
         raise
     if tracked is not None:
         tracked.finished(result.model_version)
+        if config.tracking.register_as:
+            result.registered_as = tracked.register(config.tracking.register_as, result.model_version)
     return result
 
 

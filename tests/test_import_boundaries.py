@@ -54,17 +54,21 @@ def test_no_module_of_the_package_imports_the_job_scripts():
 
 
 def test_training_without_tracking_never_imports_mlflow(tmp_path):
-    # The driver's and the worker's modules, the tracking settings, and rank 0's sinks of a plan without
+    # Predict and evaluate with an artifact URI, the driver's and the worker's modules, the tracking settings, and rank 0's sinks of a plan without
     # tracking: MLflow (an optional extra) stays unloaded, installed or not.
     script = (
         "import sys, types\n"
         "import imgcls.train, imgcls.training.worker, imgcls.tracking, imgcls.tracking.params\n"
-        "from imgcls.config import load_job_config\n"
+        "import imgcls.predict, imgcls.evaluate\n"
+        "from imgcls.config import PredictConfig, load_job_config\n"
+        "from imgcls.inference.registered_model import registered_model\n"
         "from imgcls.tracking.settings import tracking_uri\n"
         "from imgcls.training.epoch_sinks import build_sinks\n"
         f"config = load_job_config(None, ['data.train={tmp_path}', 'output_dir={tmp_path.parent / 'out'}'])\n"
         "assert tracking_uri(config.tracking) is None\n"
         "assert build_sinks(types.SimpleNamespace(tracking=None, tensorboard_uri=None), 0) == []\n"
+        "predict = PredictConfig(model='/models/m', input='/in', output='/out')\n"
+        "assert registered_model(predict) == (predict, None)  # an artifact URI: no registry asked\n"
         "print(sorted(name for name in sys.modules if name.split('.')[0] == 'mlflow'))\n"
     )
     environment = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}

@@ -18,6 +18,8 @@ from imgcls.config.common import (
     normalised_uri,
     uri_contains,
 )  # fmt: skip
+from imgcls.config.model_reference import is_model_reference, parse_model_reference
+from imgcls.config.tracking import check_tracking_uri
 from imgcls.errors import clip
 
 # Where bulk classification runs its model (see PredictConfig.placement).
@@ -28,7 +30,15 @@ class InferenceSettings(StrictModel):
     """The settings predict and evaluate share: the model, how images are decoded, and where the
     model runs. CLI flags fill these and `--set` can change any of them."""
 
-    model: str = Field(description="URI of a model artifact directory (contains model.keras and metadata.json).")
+    model: str = Field(
+        description="URI of a model artifact directory (contains model.keras and metadata.json), or a registered "
+        "model in MLflow: models:/NAME@ALIAS or models:/NAME/VERSION (resolved through mlflow_uri)."
+    )
+    mlflow_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking server whose model registry resolves a models:/ --model. Unset: the "
+        "environment's MLFLOW_TRACKING_URI. Credentials never go here (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN).",
+    )
     batch_size: int = Field(default=64, gt=0, description="Images per model call.")
     decode_batch_size: int = Field(default=64, gt=0, description="Images decoded per Ray Data task batch.")
     num_actors: int | None = Field(
@@ -103,6 +113,18 @@ class InferenceSettings(StrictModel):
             if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0.0 <= number <= 1.0:
                 raise ValueError(f"each threshold must be a number between 0 and 1, got {clip(repr(number), 80)}")
         return value
+
+    @field_validator("model")
+    @classmethod
+    def _registered_model_form(cls, value: str) -> str:
+        if is_model_reference(value):
+            parse_model_reference(value)  # a malformed models:/ URI fails here, before any server is asked
+        return value
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials_in_uri(cls, value: str | None) -> str | None:
+        return check_tracking_uri(value)
 
     @field_validator("actor_resources")
     @classmethod

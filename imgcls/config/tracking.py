@@ -7,6 +7,7 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from imgcls.config.common import CREDENTIALS_ERROR_TYPE, StrictModel
+from imgcls.config.model_reference import check_model_name
 
 # Experiment of a run whose config came from no file (only --set overrides).
 DEFAULT_EXPERIMENT = "imgcls"
@@ -39,14 +40,30 @@ class TrackingConfig(StrictModel):
         description="Name of the MLflow run. Unset: one MLflow makes up. A resumed run keeps the name it started with.",
     )
 
+    register_as: str | None = Field(
+        default=None,
+        description="Register the finished artifact as a new version of this MLflow registered model (created when "
+        "missing), for `predict --model models:/NAME@ALIAS` and `imgcls promote`. Needs tracking on. Unset: not "
+        "registered.",
+    )
+
+    @field_validator("register_as")
+    @classmethod
+    def _usable_model_name(cls, value: str | None) -> str | None:
+        return check_model_name(value) if value is not None else None
+
     @field_validator("mlflow_uri")
     @classmethod
     def _no_credentials_in_uri(cls, value: str | None) -> str | None:
-        # The resolved config is saved in output_dir and logged as params: a password in it would be too.
-        if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
-            raise PydanticCustomError(
-                CREDENTIALS_ERROR_TYPE,
-                "must not contain credentials; use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
-                "or MLFLOW_TRACKING_TOKEN",
-            )
-        return value or None
+        return check_tracking_uri(value)
+
+
+def check_tracking_uri(value: str | None) -> str | None:
+    """A tracking URI without credentials (None for empty). The resolved config is saved in output_dir
+    and logged as params: a password in the URI would be too."""
+    if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+        raise PydanticCustomError(
+            CREDENTIALS_ERROR_TYPE,
+            "must not contain credentials; use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN",
+        )
+    return value or None

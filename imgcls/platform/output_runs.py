@@ -130,6 +130,10 @@ class RunRecord(BaseModel):
     monitoring: RunMonitoring | None = Field(default=None, description="What this run's images looked like to the model.")
     drift: DriftReport | None = Field(default=None, description="This run against the artifact's reference profile.")
     review: ReviewRecord | None = Field(default=None, description="The run's review queue of least certain images.")
+    registered_model: dict[str, str | None] | None = Field(
+        default=None, description="With --model models:/...: the registered model version it resolved to (name, "
+        "version, alias, source); `model` is then the artifact that version's source gave."
+    )  # fmt: skip
 
 
 def write_run_record(output: storage.Location, record: RunRecord) -> None:

@@ -55,6 +55,27 @@ class TrainingRun:
 
         self._attempt("the end of the run (model_version, artifacts, FINISHED)", finish)
 
+    def register(self, name: str, model_version: str) -> str | None:
+        """The finished artifact as a new version of registered model `name`; its `models:/NAME/VERSION`,
+        or None (said once) when tracking stopped before or the registry refused."""
+        from imgcls.tracking.registry import register_artifact
+
+        registered = []
+
+        def register() -> None:
+            version = register_artifact(self.client, name, self.run_id, self.output_dir, model_version)
+            set_tags(self.client, self.run_id, {"imgcls.registered_as": version.reference})
+            registered.append(version.reference)
+
+        if self.broken:
+            logger.warning("model %s is not registered as %s: MLflow tracking stopped earlier in this run; a rerun "
+                           "into the same output_dir registers it", model_version, name)  # fmt: skip
+            return None
+        self._attempt(f"registering the model as {name}", register)
+        if registered:
+            logger.info("registered model %s as %s", model_version, registered[0])
+        return registered[0] if registered else None
+
     def failed(self, killed: bool = False) -> None:
         """FAILED, or KILLED when a person interrupted it. A rerun into the same output_dir continues the run."""
         status = "KILLED" if killed else "FAILED"
