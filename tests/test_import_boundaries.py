@@ -54,11 +54,11 @@ def test_no_module_of_the_package_imports_the_job_scripts():
 
 
 def test_training_without_tracking_never_imports_mlflow(tmp_path):
-    # The driver's and the worker's modules, the tracking settings, and rank 0's sinks of a plan without
-    # tracking: MLflow (an optional extra) stays unloaded, installed or not.
+    # The training and search drivers' and the worker's modules, the tracking settings, and rank 0's sinks
+    # of a plan without tracking: MLflow (an optional extra) stays unloaded, installed or not.
     script = (
         "import sys, types\n"
-        "import imgcls.train, imgcls.training.worker, imgcls.tracking, imgcls.tracking.params\n"
+        "import imgcls.train, imgcls.tune, imgcls.training.worker, imgcls.tracking, imgcls.tracking.params\n"
         "from imgcls.config import load_job_config\n"
         "from imgcls.tracking.settings import tracking_uri\n"
         "from imgcls.training.epoch_sinks import build_sinks\n"
