@@ -156,13 +156,15 @@ def _decode_data(config: JobConfig, train_images, val_images):
     return train_split, val_split
 
 
-def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: bool = True) -> TrainResult:
+def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: bool = True,
+        tracking_tags: dict[str, str] | None = None) -> TrainResult:  # fmt: skip
     """Train `config` on the current Ray cluster and write the model artifact to `output_dir/model`;
     with tracking on (imgcls.tracking), in an MLflow run that a rerun into the same output_dir continues.
 
     `callbacks` are Ray Train callbacks (Ray Tune passes its report callback here). A Tune trial
     plans with the cluster's total CPUs (`plan_with_free_cpus=False`): the search already gave it
-    its share, and CPUs a stopped trial is still releasing are worth waiting for."""
+    its share, and CPUs a stopped trial is still releasing are worth waiting for. `tracking_tags`
+    go on the MLflow run besides its own (a trial's: its parent search run and name)."""
     from imgcls.tracking.settings import tracking_uri
 
     started = time.time()
@@ -178,7 +180,7 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     if tracking_uri(config.tracking) is not None:  # MLflow is imported only then
         from imgcls.tracking.training_run import start_training_run
 
-        tracked = start_training_run(config, output_dir)  # exit 2 when its server does not answer
+        tracked = start_training_run(config, output_dir, tracking_tags)  # exit 2 when its server does not answer
     try:
         result = _train(config, output_dir, tracked, callbacks, plan_with_free_cpus, started)
     except BaseException as error:

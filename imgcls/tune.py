@@ -8,7 +8,7 @@ import csv
 import io
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -16,6 +16,10 @@ from imgcls.config import JobConfig, TuneSettings, build_model, config_to_yaml, 
 from imgcls.errors import ConfigError, ResourcePlanError, UserError, user_error_in
 from imgcls.platform import storage
 from imgcls.platform.resources import MIN_CPUS_PER_WORKER
+
+if TYPE_CHECKING:
+    from imgcls.tracking.search_run import SearchRun
+    from imgcls.tracking.settings import TrackingTarget
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +177,15 @@ def trial_config(base_values: dict[str, Any], params: dict[str, Any], output_uri
         values = set_dotted(values, key, value)
     values["output_dir"] = output_uri
     values["tune"] = None
+    # Trials are candidates: only a training of best_config.yaml registers a model (tracking.register_as).
+    values["tracking"] = {**values.get("tracking", {}), "register_as": None}
     return build_model(JobConfig, values, "trial config")
 
 
-def run_trial(params: dict[str, Any], base_values: dict[str, Any], trials_uri: str, base_dir: str) -> None:
-    """One Tune trial: a whole training run in `trials/<trial_id>`, its reports forwarded to Tune."""
+def run_trial(params: dict[str, Any], base_values: dict[str, Any], trials_uri: str, base_dir: str,
+              search_run: TrackingTarget | None = None) -> None:  # fmt: skip
+    """One Tune trial: a whole training run in `trials/<trial_id>`, its reports forwarded to Tune;
+    tracked, its MLflow run is nested under the search's (`search_run`)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -194,7 +202,15 @@ def run_trial(params: dict[str, Any], base_values: dict[str, Any], trials_uri: s
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(base_values, params, f"{trials_uri.rstrip('/')}/{trial_id}")
     logger.info("trial %s: %s", trial_id, ", ".join(f"{key}={value}" for key, value in params.items()))
-    train.run(config, callbacks=[TuneReportCallback()], plan_with_free_cpus=False)
+    tracking_tags = None
+    if search_run is not None:
+        from imgcls.tracking.settings import TRACKING_URI_VARIABLE
+        from imgcls.tracking.tags import trial_tags
+
+        # The driver's server, even where the trial's process lacks the driver's environment.
+        os.environ[TRACKING_URI_VARIABLE] = search_run.tracking_uri
+        tracking_tags = trial_tags(search_run.run_id, trial_id, list(params))
+    train.run(config, callbacks=[TuneReportCallback()], plan_with_free_cpus=False, tracking_tags=tracking_tags)
 
 
 def _metric_history(result, metric: str) -> list[tuple[int, float]]:
@@ -291,25 +307,54 @@ def _copy_artifact(source: storage.Location, destination: storage.Location) -> N
 
 def run(config: JobConfig) -> TuneResult:
     """Search `config.tune.search_space`, then write the trials table, the metric plot,
-    best_config.yaml and the best trial's artifact under output_dir."""
-    from imgcls.platform.ray_runtime import ensure_ray, free_resources
-    from imgcls.reporting.plots import trial_curves
+    best_config.yaml and the best trial's artifact under output_dir; with tracking on
+    (imgcls.tracking), in one MLflow run with each trial's run nested under it."""
+    from imgcls.tracking.settings import tracking_uri
 
     if config.tune is None:
         raise ConfigError("jobs/tune.py needs a `tune:` section with at least `tune.search_space` (see README).")
     check_search_space(config)
+    if config.tracking.register_as and tracking_uri(config.tracking) is None:
+        raise ConfigError(
+            f"tracking.register_as is {config.tracking.register_as}, but tracking is off: set tracking.mlflow_uri "
+            "(or MLFLOW_TRACKING_URI). The search registers nothing itself; training its best_config.yaml does."
+        )
     storage.configure(config.storage)
     config = resolve_metric(config)
+    output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
+    search_run = None
+    if tracking_uri(config.tracking) is not None:  # MLflow is imported only then
+        from imgcls.tracking.search_run import start_search_run
+
+        search_run = start_search_run(config, output_dir)  # exit 2 when its server does not answer
+    try:
+        result = _search(config, output_dir, search_run)
+    except BaseException as error:
+        if search_run is not None:
+            search_run.failed(killed=isinstance(error, KeyboardInterrupt))
+        raise
+    if search_run is not None:
+        search_run.finished(result, config.tune.metric)
+    return result
+
+
+def _search(config: JobConfig, output_dir: storage.Location, search_run: SearchRun | None) -> TuneResult:
+    """The search itself: the plan, the trials, and the outputs (`search_run`: the MLflow run or None)."""
+    from imgcls.platform.ray_runtime import ensure_ray, free_resources
+    from imgcls.reporting.plots import trial_curves
+
     settings = config.tune
     ensure_ray()
     plan = plan_tuning(config, free_resources()["CPU"])
     logger.info("tuning plan: %s", plan.describe(config.scaling.num_workers))
 
-    output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
     trials_root = output_dir.join(TRIALS_FOLDER)
     storage.write_text_atomic(output_dir.join("tune_config.yaml"), config_to_yaml(config))
-    result_grid = _tuner(config, plan, output_dir, trials_root).fit()
+    parent = search_run.target if search_run is not None else None
+    result_grid = _tuner(config, plan, output_dir, trials_root, parent).fit()
     trials, histories = summarise_trials(result_grid, config, trials_root)
+    if search_run is not None:
+        search_run.trials_ended(trials, trials_root)
     storage.write_text_atomic(output_dir.join("trials.csv"), trials_table_csv(trials, settings.metric))
     storage.write_bytes_atomic(output_dir.join("trials.png"), trial_curves(histories, settings.metric))
     for trial in trials:
@@ -336,9 +381,10 @@ def run(config: JobConfig) -> TuneResult:
     )
 
 
-def _tuner(config: JobConfig, plan: TuningPlan, output_dir: storage.Location, trials_root: storage.Location):
+def _tuner(config: JobConfig, plan: TuningPlan, output_dir: storage.Location, trials_root: storage.Location,
+           search_run: TrackingTarget | None):  # fmt: skip
     """A new Tuner for the search, or the earlier one restored (finished trials kept) when the same
-    output_dir already holds it."""
+    output_dir already holds it; its trials' MLflow runs nested under `search_run` when tracked."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -346,7 +392,9 @@ def _tuner(config: JobConfig, plan: TuningPlan, output_dir: storage.Location, tr
     base_values = config.model_dump(mode="json")
     base_values["scaling"].update(cpus_per_worker=plan.cpus_per_worker, data_cpus=plan.data_cpus)
     base_dir = os.environ.get("IMGCLS_BASE_DIR") or os.getcwd()
-    trainable = tune.with_parameters(run_trial, base_values=base_values, trials_uri=trials_root.uri, base_dir=base_dir)
+    trainable = tune.with_parameters(
+        run_trial, base_values=base_values, trials_uri=trials_root.uri, base_dir=base_dir, search_run=search_run
+    )
     trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
     experiment = output_dir.join(EXPERIMENT_NAME)
     filesystem = None if output_dir.is_local else output_dir.filesystem
@@ -391,6 +439,7 @@ def _write_best_config(config: JobConfig, output_dir, trials_root, best: TrialSu
     best_values["output_dir"] = f"{config.output_dir.rstrip('/')}/best"
     best_values["scaling"] = config.scaling.model_dump(mode="json")  # the trial's share was the tuner's plan
     best_values["tune"] = None
+    best_values["tracking"] = {**best_values.get("tracking", {}), "register_as": config.tracking.register_as}
     best_config = build_model(JobConfig, best_values, "best trial config")
     storage.write_text_atomic(
         output_dir.join("best_config.yaml"),

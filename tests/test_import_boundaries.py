@@ -54,11 +54,12 @@ def test_no_module_of_the_package_imports_the_job_scripts():
 
 
 def test_training_without_tracking_never_imports_mlflow(tmp_path):
-    # Predict and evaluate with an artifact URI, the driver's and the worker's modules, the tracking settings, and rank 0's sinks of a plan without
-    # tracking: MLflow (an optional extra) stays unloaded, installed or not.
+    # Predict and evaluate with an artifact URI, the training and search drivers' and the worker's modules,
+    # the tracking settings, and rank 0's sinks of a plan without tracking: MLflow (an optional extra)
+    # stays unloaded, installed or not.
     script = (
         "import sys, types\n"
-        "import imgcls.train, imgcls.training.worker, imgcls.tracking, imgcls.tracking.params\n"
+        "import imgcls.train, imgcls.tune, imgcls.training.worker, imgcls.tracking, imgcls.tracking.params\n"
         "import imgcls.predict, imgcls.evaluate\n"
         "from imgcls.config import PredictConfig, load_job_config\n"
         "from imgcls.inference.registered_model import registered_model\n"

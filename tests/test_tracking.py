@@ -1,6 +1,7 @@
 """MLflow tracking of training against a real tracking server (tests/mlflow_server.py): what a run
 holds, that no credential reaches it, a server down at the start (exit 2) or lost mid-run (training
-finishes), and a driver-killed run that continues the same MLflow run."""
+finishes), and a driver-killed run that continues the same MLflow run. A Ray Tune search: one parent
+run with each trial's run nested under it, the trials' outcomes, and a lost server costing one warning."""
 
 from __future__ import annotations
 
@@ -243,3 +244,145 @@ def test_a_driver_killed_and_rerun_continues_the_same_mlflow_run(ray_session, ml
         assert metric_steps(client, run_id, key) == [1, 2, 3, 4], key
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["model_version"]
+
+
+def _trial_summary(trial_id: str, status: str, metric: float | None):
+    from imgcls.tune import TrialSummary
+
+    return TrialSummary(trial_id=trial_id, status=status, epochs=2 if metric is not None else 0, metric_last=metric,
+                        metric_best=metric, params={"train.learning_rate": 0.01}, artifact_uri=None)  # fmt: skip
+
+
+def test_the_search_run_ends_the_trial_runs_tune_stopped_and_names_the_best(mlflow_server, tmp_path):
+    from imgcls.platform import storage
+    from imgcls.tracking.runs import find_or_create_run
+    from imgcls.tracking.search_run import start_search_run
+    from imgcls.tracking.tags import trial_tags
+    from imgcls.tune import TuneResult
+
+    experiment = f"outcomes-{uuid.uuid4().hex[:8]}"
+    config = load_job_config(
+        None, ["data.train=/data/train", f"output_dir={tmp_path}", "tune.metric=val_loss",
+               'tune.search_space={"train.learning_rate": {"grid": [0.01, 0.1]}}',
+               f"tracking.mlflow_uri={mlflow_server}", f"tracking.experiment={experiment}"],
+    )  # fmt: skip
+    output_dir = storage.resolve(str(tmp_path))
+    search_run = start_search_run(config, output_dir)
+    client = mlflow_client(mlflow_server)
+    parent = client.get_run(search_run.run_id)
+    assert parent.data.tags["imgcls.kind"] == "tune_search" and parent.info.status == "RUNNING"
+    assert parent.data.tags["imgcls.output_dir"] == str(tmp_path) and parent.data.params["tune.mode"] == "min"
+    # Trial: (its status in trials.csv, its run's status as Tune left it, the status the search ends it with).
+    cases = {
+        "t0": ("completed", "FINISHED", "FINISHED"),
+        "t1": ("stopped_by_asha", "RUNNING", "KILLED"),  # ASHA ended its process
+        "t2": ("error", "RUNNING", "FAILED"),  # its process died
+        "t3": ("completed", "RUNNING", "FINISHED"),  # stopped after writing its artifact
+        "t4": ("not_run", None, None),  # never started a run
+    }
+    trials_root = output_dir.join("trials")
+    for trial_id, (_, left_as, _) in cases.items():
+        if left_as is not None:
+            tags = trial_tags(search_run.run_id, trial_id, ["train.learning_rate"])
+            run_id, _ = find_or_create_run(client, trials_root.join(trial_id), parent.info.experiment_id, None, tags,
+                                           mlflow_server)  # fmt: skip
+            if left_as != "RUNNING":
+                client.set_terminated(run_id, left_as)
+    trials = [_trial_summary(trial_id, status, 0.5 - index / 10 if left_as else None)
+              for index, (trial_id, (status, left_as, _)) in enumerate(cases.items())]  # fmt: skip
+    search_run.trials_ended(trials, trials_root)
+    (tmp_path / "trials.csv").write_text("trial_id,status\n")
+    best = TuneResult(best_trial_id="t3", best_metric=0.2, best_config_uri=str(tmp_path / "best_config.yaml"),
+                      artifact_uri=str(tmp_path / "model"), trials=trials)  # fmt: skip
+    search_run.finished(best, "val_loss")
+
+    for trial_id, (status, left_as, ended_as) in cases.items():
+        if left_as is None:
+            assert not (tmp_path / "trials" / trial_id).exists()
+            continue
+        run = client.get_run(recorded_run_id(tmp_path / "trials" / trial_id))
+        assert run.info.status == ended_as, trial_id
+        assert run.data.tags["imgcls.tune.status"] == status and run.data.tags["mlflow.parentRunId"] == search_run.run_id
+        assert run.data.tags["imgcls.tune.best"] == ("true" if trial_id == "t3" else "false")
+    parent = client.get_run(search_run.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics == {"best_val_loss": 0.2}
+    assert parent.data.tags["imgcls.tune.best_trial_id"] == "t3"
+    assert parent.data.tags["imgcls.tune.best_run_id"] == recorded_run_id(tmp_path / "trials" / "t3")
+    assert [entry.path for entry in client.list_artifacts(search_run.run_id)] == ["trials.csv"]
+
+
+def test_a_search_run_whose_server_is_lost_warns_once(tmp_path, caplog):
+    pytest.importorskip("mlflow", reason="the tracking extra is not installed: pip install -e '.[tracking]'")
+    from imgcls.platform import storage
+    from imgcls.tracking.search_run import SearchRun
+    from imgcls.tracking.server import create_client
+    from imgcls.tune import TuneResult
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens there
+    search_run = SearchRun(create_client(uri), uri, uuid.uuid4().hex, storage.resolve(str(tmp_path)))
+    trials = [_trial_summary("t0", "completed", 0.2)]
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="imgcls"):
+        search_run.trials_ended(trials, storage.resolve(str(tmp_path / "trials")))
+        search_run.finished(TuneResult(best_trial_id="t0", best_metric=0.2, best_config_uri="b", artifact_uri="m",
+                                       trials=trials), "val_loss")  # fmt: skip
+        search_run.failed()
+    assert time.monotonic() - started < 30
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and uri in warnings[0] and "the search itself is unaffected" in warnings[0], warnings
+
+
+def test_a_tune_search_is_one_parent_run_with_each_trial_nested(ray_session, mlflow_server, pattern_dataset, tmp_path):
+    import csv
+
+    from test_tune import _live_placement_groups_after_cleanup
+
+    from imgcls import tune
+
+    experiment = f"search-{uuid.uuid4().hex[:8]}"
+    output_dir = tmp_path / "search"
+    config = load_job_config(
+        None, [*tiny_job_overrides(pattern_dataset, output_dir, epochs=2),
+               'tune.search_space={"train.learning_rate": {"grid": [0.01, 1.0e-7]}}', "tune.num_samples=1",
+               "tune.metric=val_loss", "tune.grace_period=1", "tune.reduction_factor=2", "tune.max_concurrent_trials=1",
+               f"tracking.mlflow_uri={mlflow_server}", f"tracking.experiment={experiment}"],
+    )  # fmt: skip
+    result = tune.run(config)
+    client = mlflow_client(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [run for run in runs if run.data.tags.get("imgcls.kind") == "tune_search"]
+    assert len(parents) == 1 and len(runs) == 3
+    parent = parents[0]
+    assert parent.info.run_id == recorded_run_id(output_dir) and parent.info.status == "FINISHED"
+    assert parent.data.params["tune.metric"] == "val_loss" and parent.data.params["tune.grace_period"] == "1"
+    assert json.loads(parent.data.params["tune.search_space"]) == {"train.learning_rate": {"grid": [0.01, 1e-7]}}
+    assert parent.data.params["train.epochs"] == "2" and not [key for key in parent.data.params if key.startswith("storage.")]
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(result.best_metric)
+    assert parent.data.tags["imgcls.tune.best_trial_id"] == result.best_trial_id
+    assert {"trials.csv", "trials.png", "best_config.yaml"} <= {entry.path for entry in client.list_artifacts(parent.info.run_id)}
+
+    rows = {row["trial_id"]: row for row in csv.DictReader((output_dir / "trials.csv").open())}
+    children = {run.data.tags["imgcls.tune.trial_id"]: run for run in runs if run is not parent}
+    assert sorted(children) == sorted(rows)
+    # ASHA stops the worse trial after its first epoch: its process ends, and its run is KILLED.
+    expected_status = {"completed": "FINISHED", "stopped_by_asha": "KILLED"}
+    for trial_id, child in children.items():
+        tags, row = child.data.tags, rows[trial_id]
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and child.info.run_name == trial_id
+        assert tags["imgcls.tune.searched"] == "train.learning_rate"
+        assert float(child.data.params["train.learning_rate"]) == float(row["train.learning_rate"])
+        assert (tags["imgcls.tune.status"], tags["imgcls.tune.epochs"]) == (row["status"], row["epochs"])
+        assert child.info.status == expected_status[row["status"]], (row, child.info.status)
+        assert child.info.run_id == recorded_run_id(output_dir / "trials" / trial_id)
+    best = [trial_id for trial_id, child in children.items() if child.data.tags["imgcls.tune.best"] == "true"]
+    assert best == [result.best_trial_id]
+    assert parent.data.tags["imgcls.tune.best_run_id"] == children[result.best_trial_id].info.run_id
+
+    # Rerun, the search is restored: the same parent run, no new trial runs. (The plan needs the CPUs of
+    # a trial ASHA stopped back first: Ray Train's placement-group cleaner frees them.)
+    assert _live_placement_groups_after_cleanup() == []
+    again = tune.run(config)
+    assert again.best_trial_id == result.best_trial_id
+    rerun = client.search_runs([parent.info.experiment_id])
+    assert sorted(run.info.run_id for run in rerun) == sorted(run.info.run_id for run in runs)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"

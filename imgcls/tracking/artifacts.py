@@ -1,6 +1,6 @@
-"""A finished training's outputs in its MLflow run: copied as MLflow artifacts when output_dir is
-local, linked by tags when it is a bucket (the bucket is already the durable store the team reads
-from: copying the model would double its storage and the end of every training)."""
+"""A finished training's (or Tune search's) outputs in its MLflow run: copied as MLflow artifacts
+when output_dir is local, linked by tags when it is a bucket (the bucket is already the durable store
+the team reads from: copying the model would double its storage and the end of every training)."""
 
 from __future__ import annotations
 
@@ -24,26 +24,48 @@ OUTPUT_FILES = (
 )  # fmt: skip
 
 
+# A Tune search's own outputs, logged to its parent run.
+SEARCH_OUTPUT_FILES = ("trials.csv", "trials.png", "best_config.yaml", "tune_config.yaml")
+
+
 def log_outputs(client, run_id: str, output_dir: storage.Location) -> None:
     """The model folder and OUTPUT_FILES as artifacts of `run_id`, or (a bucket) as link tags."""
-    present = [name for name in OUTPUT_FILES if storage.exists(output_dir.join(name))]
     artifact = output_dir.join(MODEL_FOLDER)
-    if not output_dir.is_local:
-        tags = {"imgcls.artifact_uri": artifact.uri, "imgcls.outputs": "linked"}
-        tags.update({link_tag(name): output_dir.join(name).uri for name in present})
-        set_tags(client, run_id, credential_free(tags))
+    if output_dir.is_local:
+        client.log_artifacts(run_id, artifact.path, artifact_path=MODEL_FOLDER)
+    present = log_files(client, run_id, output_dir, OUTPUT_FILES, {"imgcls.artifact_uri": artifact.uri})
+    if output_dir.is_local:
+        logger.info("MLflow run %s holds the model and %s as artifacts", run_id, ", ".join(present))
+    else:
         logger.info("MLflow run %s links the outputs in %s (not copied)", run_id, output_dir.uri)
-        return
-    set_tags(client, run_id, credential_free({"imgcls.artifact_uri": artifact.uri, "imgcls.outputs": "copied"}))
-    client.log_artifacts(run_id, artifact.path, artifact_path=MODEL_FOLDER)
+
+
+def log_search_outputs(client, run_id: str, output_dir: storage.Location) -> list[str]:
+    """A search's SEARCH_OUTPUT_FILES as artifacts of its run, or (a bucket) as link tags; the names logged."""
+    return log_files(client, run_id, output_dir, SEARCH_OUTPUT_FILES, {"imgcls.artifact_uri": output_dir.join(MODEL_FOLDER).uri})
+
+
+def log_files(client, run_id: str, output_dir: storage.Location, names: tuple[str, ...],
+              tags: dict[str, str]) -> list[str]:  # fmt: skip
+    """The files `names` that output_dir holds, copied as artifacts of `run_id` when it is local,
+    else linked by tags, and `tags` with them; returns the names present."""
+    present = [name for name in names if storage.exists(output_dir.join(name))]
+    if not output_dir.is_local:
+        links = {link_tag(name, names): output_dir.join(name).uri for name in present}
+        set_tags(client, run_id, credential_free({**tags, "imgcls.outputs": "linked", **links}))
+        return present
+    set_tags(client, run_id, credential_free({**tags, "imgcls.outputs": "copied"}))
     for name in present:
         client.log_artifact(run_id, output_dir.join(name).path)
-    logger.info("MLflow run %s holds the model and %s as artifacts", run_id, ", ".join(present))
+    return present
 
 
-def link_tag(file_name: str) -> str:
-    """The tag that links one output file: `imgcls.history_uri` for history.csv."""
-    return f"imgcls.{PurePosixPath(file_name).stem}_uri"
+def link_tag(file_name: str, names: tuple[str, ...] = ()) -> str:
+    """The tag that links one output file: `imgcls.history_uri` for history.csv; where another of
+    `names` has the same stem, the extension stays in it (`imgcls.trials_csv_uri`, `imgcls.trials_png_uri`)."""
+    stem = PurePosixPath(file_name).stem
+    shared = [name for name in names if name != file_name and PurePosixPath(name).stem == stem]
+    return f"imgcls.{file_name.replace('.', '_') if shared else stem}_uri"
 
 
 def set_tags(client, run_id: str, tags: dict[str, str]) -> None:

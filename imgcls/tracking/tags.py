@@ -1,5 +1,6 @@
 """What a training's MLflow run is found by: its data and image counts, output_dir, the code's git
-commit, and at the end its model_version. Every value passes the credential check of `params`."""
+commit, and at the end its model_version; a Tune trial's run also by its parent search run and trial
+id. Every value passes the credential check of `params`."""
 
 from __future__ import annotations
 
@@ -16,6 +17,17 @@ from imgcls.tracking.params import safe_tag
 GIT_TIMEOUT_S = 5
 
 
+# MLflow's own tags: the run a run is nested under in the UI, and the run's name.
+PARENT_RUN_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+
+# What a run is: a Tune search's parent run or one of its trials (a plain training has no such tag).
+KIND_TAG = "imgcls.kind"
+SEARCH_KIND = "tune_search"
+TRIAL_KIND = "tune_trial"
+
+
 def start_tags(config: JobConfig, output_dir: storage.Location) -> dict[str, str]:
     tags = {"imgcls.output_dir": output_dir.uri, "data.train": config.data.train}
     if config.data.val:
@@ -28,6 +40,15 @@ def start_tags(config: JobConfig, output_dir: storage.Location) -> dict[str, str
     if user:
         tags["mlflow.user"] = user
     return credential_free(tags)
+
+
+def trial_tags(parent_run_id: str, trial_id: str, searched_keys: list[str]) -> dict[str, str]:
+    """A Tune trial's run: nested under the search's run, named by its trial id, with the keys the
+    search varies (their values are the run's params)."""
+    return {
+        PARENT_RUN_TAG: parent_run_id, RUN_NAME_TAG: trial_id, KIND_TAG: TRIAL_KIND,
+        "imgcls.tune.trial_id": trial_id, "imgcls.tune.searched": ",".join(searched_keys),
+    }  # fmt: skip
 
 
 def data_tags(data_summary: dict[str, Any]) -> dict[str, str]:
