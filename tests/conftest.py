@@ -33,7 +33,8 @@ TEST_SECRET_KEY = "imgcls-secret-d0-not-leak-7f3a9c"
 
 # Fixtures that start a real service (Ray, an S3 endpoint) or need one: a test that uses any of them,
 # directly or through another fixture, is marked `services` and left out of `make test-fast`.
-SERVICE_FIXTURES = {"ray_session", "s3_endpoint", "ceph_rgw_endpoint", "trained_one_worker", "mlflow_server"}
+SERVICE_FIXTURES = {"ray_session", "s3_endpoint", "ceph_rgw_endpoint", "trained_one_worker", "mlflow_server",
+                    "mlflow_server_if_installed"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -114,6 +115,15 @@ def mlflow_server(tmp_path_factory):
     server = start_mlflow_server(tmp_path_factory.mktemp("mlflow"))
     yield server.uri
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_if_installed(request) -> str | None:
+    """The suite's MLflow server when the tracking extra is installed, else None: the fault tests that
+    also check tracking still test the fault without it."""
+    import importlib.util
+
+    return request.getfixturevalue("mlflow_server") if importlib.util.find_spec("mlflow") else None
 
 
 def upload_tree(local_root: Path, bucket: str, prefix: str, endpoint_url: str | None = None) -> list[str]:

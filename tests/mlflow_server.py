@@ -1,8 +1,10 @@
 """A real MLflow tracking server for the tests: `mlflow server` on 127.0.0.1 with a sqlite backend,
-serving artifacts from a local folder (clients upload them over HTTP, as to a team's server)."""
+serving artifacts from a local folder (clients upload them over HTTP, as to a team's server); and
+what the tests read back from it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +21,25 @@ from conftest import free_port
 # still silent then is started once more, on another port.
 START_TIMEOUT_S = 150
 START_ATTEMPTS = 2
+
+
+# Metrics every epoch of a run with validation reports.
+PER_EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second", "epoch_seconds")
+
+
+def mlflow_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def recorded_run_id(output_dir: Path) -> str:
+    """The MLflow run a training in `output_dir` logs to (its tracking.json)."""
+    return json.loads((output_dir / "tracking.json").read_text())["run_id"]
+
+
+def metric_steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(point.step for point in client.get_metric_history(run_id, key))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Real failures: a Ray Train worker SIGKILLed between two checkpoints, and a training driver
 SIGKILLed after its first checkpoint. Both runs must finish with every epoch exactly once in
-history.csv, the worker's restart repeating only the epochs since the last checkpoint."""
+history.csv, the worker's restart repeating only the epochs since the last checkpoint, and (with
+the tracking extra) in one MLflow run with every epoch's metrics once."""
 
 import csv
 import json
@@ -78,6 +79,28 @@ def history_epochs(output_dir: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(handle)]
 
 
+def tracking_settings(mlflow_uri: str | None, experiment: str) -> list[str]:
+    return [f"tracking.mlflow_uri={mlflow_uri}", f"tracking.experiment={experiment}"] if mlflow_uri else []
+
+
+def assert_one_mlflow_run_with_each_epoch_once(mlflow_uri: str | None, experiment: str, output_dir: Path,
+                                               epochs: int) -> None:  # fmt: skip
+    """The run the training started (its tracking.json) is the experiment's only run, FINISHED, with
+    steps 1..epochs of each per-epoch metric exactly once, however often its driver or workers restarted."""
+    if mlflow_uri is None:
+        return
+    from mlflow_server import PER_EPOCH_METRICS, metric_steps, mlflow_client, recorded_run_id
+
+    client = mlflow_client(mlflow_uri)
+    run_id = recorded_run_id(output_dir)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    assert [run.info.run_id for run in client.search_runs([experiment_id])] == [run_id]
+    for key in PER_EPOCH_METRICS:
+        assert metric_steps(client, run_id, key) == list(range(1, epochs + 1)), key
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["model_version"]
+
+
 def _cmdline(process: psutil.Process) -> list[str]:
     try:
         return process.cmdline()
@@ -85,11 +108,13 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return []
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, slow_dataset, tmp_path):
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, mlflow_server_if_installed, slow_dataset, tmp_path):
+    experiment = f"worker-restart-{tmp_path.name}"
     config = load_job_config(
         None,
         [f"data.train={slow_dataset}", f"output_dir={tmp_path}", "train.epochs=4", "train.max_failures=2",
-         "train.checkpoint_every_epochs=2", "train.tensorboard=true", *SLOW_RUN],
+         "train.checkpoint_every_epochs=2", "train.tensorboard=true", *SLOW_RUN,
+         *tracking_settings(mlflow_server_if_installed, experiment)],
     )  # fmt: skip
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(result=train.run(config)), daemon=True)
@@ -111,16 +136,19 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, slow_datas
     assert checkpoint_epochs(tmp_path) == [2, 4]  # the restart began after epoch 2 and repeated only 3
     # Each epoch once in TensorBoard too: the restart's file skips the steps the first one holds.
     assert scalar_steps(tmp_path / "tensorboard" / "train")["loss"] == [1, 2, 3, 4]
+    # And in MLflow: rank 0's restarted sink logs only the epochs the run does not hold yet.
+    assert_one_mlflow_run_with_each_epoch_once(mlflow_server_if_installed, experiment, tmp_path, 4)
     assert (tmp_path / "model" / "model.keras").is_file()
     assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_rerun_after_the_driver_died_resumes(ray_session, slow_dataset, tmp_path):
+def test_rerun_after_the_driver_died_resumes(ray_session, mlflow_server_if_installed, slow_dataset, tmp_path):
+    experiment = f"driver-rerun-{tmp_path.name}"
+    settings = [f"data.train={slow_dataset}", f"output_dir={tmp_path}", "train.epochs=3", "data.channels=3",
+                "train.checkpoint_every_epochs=1", *SLOW_RUN, *tracking_settings(mlflow_server_if_installed, experiment)]  # fmt: skip
     command = [
         sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--config", str(REPO_ROOT / "examples/configs/smoke.yaml"),
-        "--set", f"data.train={slow_dataset}", "--set", f"output_dir={tmp_path}", "--set", "train.epochs=3",
-        "--set", "data.channels=3", "--set", "train.checkpoint_every_epochs=1",
-    ] + [argument for setting in SLOW_RUN for argument in ("--set", setting)]  # fmt: skip
+    ] + [argument for setting in settings for argument in ("--set", setting)]  # fmt: skip
     environment = {**os.environ, "RAY_ADDRESS": ray_session}
     first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -138,6 +166,10 @@ def test_rerun_after_the_driver_died_resumes(ray_session, slow_dataset, tmp_path
     assert "resuming from the checkpoint after epoch" in output, output[-6000:]
     assert history_epochs(tmp_path) == [1, 2, 3]
     assert (tmp_path / "model" / "metadata.json").is_file()
+    # The rerun continued the MLflow run the killed driver started, without a step twice.
+    if mlflow_server_if_installed:
+        assert "resumed run" in output
+    assert_one_mlflow_run_with_each_epoch_once(mlflow_server_if_installed, experiment, tmp_path, 3)
 
 
 def test_early_stopping_stops_and_restores_the_best_weights(ray_session, pattern_dataset, tmp_path):

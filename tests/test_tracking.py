@@ -1,16 +1,14 @@
 """MLflow tracking of training against a real tracking server (tests/mlflow_server.py): what a run
 holds, that no credential reaches it, a server down at the start (exit 2) or lost mid-run (training
-finishes), and a driver-killed run that continues the same MLflow run. A Ray Tune search: one parent
+finishes). A killed driver's rerun and a restarted worker continuing the same MLflow run are checked
+in the fault scenarios themselves (tests/test_fault_tolerance.py). A Ray Tune search: one parent
 run with each trial's run nested under it, the trials' outcomes, and a lost server costing one warning."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -18,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, TEST_ACCESS_KEY, TEST_BUCKET, TEST_SECRET_KEY, free_port, tiny_job_overrides
-from image_factory import write_pattern_dataset
+from mlflow_server import PER_EPOCH_METRICS, metric_steps, mlflow_client, recorded_run_id
 
 from imgcls import cli, train
 from imgcls.config import JobConfig, load_job_config
@@ -26,24 +24,6 @@ from imgcls.errors import ConfigError
 from imgcls.tracking.epoch_sink import epoch_metric_values
 from imgcls.tracking.params import MAX_PARAM_VALUE_CHARACTERS, config_params
 from imgcls.tracking.settings import experiment_name, tracking_uri
-
-# Metrics every epoch of a run with validation reports.
-PER_EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second", "epoch_seconds")
-
-
-def mlflow_client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def recorded_run_id(output_dir: Path) -> str:
-    return json.loads((output_dir / "tracking.json").read_text())["run_id"]
-
-
-def metric_steps(client, run_id: str, key: str) -> list[int]:
-    return sorted(point.step for point in client.get_metric_history(run_id, key))
-
 
 def git_head() -> str:
     return subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -203,47 +183,6 @@ def test_a_server_lost_mid_run_leaves_training_finishing(ray_session, pattern_da
     assert (output_dir / "model" / "metadata.json").is_file()
     warnings = [record for record in caplog.records if record.levelno >= logging.WARNING and "MLflow" in record.getMessage()]
     assert len(warnings) == 1 and server.uri in warnings[0].getMessage(), [record.getMessage() for record in warnings]
-
-
-@pytest.fixture(scope="module")
-def resumable_dataset(tmp_path_factory) -> Path:
-    """Epochs of about a second on 2 cores, so that a driver can be killed between two of them."""
-    root = tmp_path_factory.mktemp("resumable") / "train"
-    write_pattern_dataset(root, per_class=200, size=32, seed=7)
-    return root
-
-
-def test_a_driver_killed_and_rerun_continues_the_same_mlflow_run(ray_session, mlflow_server, resumable_dataset, tmp_path):
-    from test_fault_tolerance import SLOW_RUN, checkpoint_epochs, wait_for_checkpoint, wait_for_snapshot
-
-    experiment = f"resumed-{uuid.uuid4().hex[:8]}"
-    command = [
-        sys.executable, str(REPO_ROOT / "jobs" / "train.py"), "--config", str(REPO_ROOT / "examples/configs/smoke.yaml"),
-        "--set", f"data.train={resumable_dataset}", "--set", f"output_dir={tmp_path}", "--set", "train.epochs=4",
-        "--set", "data.channels=3", "--set", "train.checkpoint_every_epochs=1",
-        "--set", f"tracking.mlflow_uri={mlflow_server}", "--set", f"tracking.experiment={experiment}",
-    ] + [argument for setting in SLOW_RUN for argument in ("--set", setting)]  # fmt: skip
-    environment = {**os.environ, "RAY_ADDRESS": ray_session}
-    first = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_checkpoint(tmp_path, 1)
-        wait_for_snapshot(tmp_path)
-    finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=60)
-    assert not (tmp_path / "model").exists() and checkpoint_epochs(tmp_path)[-1] < 4
-    run_id = recorded_run_id(tmp_path)
-    second = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-4000:]
-    assert "resumed run" in second.stdout + second.stderr
-    assert recorded_run_id(tmp_path) == run_id
-    client = mlflow_client(mlflow_server)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    assert [run.info.run_id for run in client.search_runs([experiment_id])] == [run_id]
-    for key in PER_EPOCH_METRICS:
-        assert metric_steps(client, run_id, key) == [1, 2, 3, 4], key
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["model_version"]
 
 
 def _trial_summary(trial_id: str, status: str, metric: float | None):
