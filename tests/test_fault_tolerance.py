@@ -112,7 +112,7 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, mlflow_ser
     experiment = f"worker-restart-{tmp_path.name}"
     config = load_job_config(
         None,
-        [f"data.train={slow_dataset}", f"output_dir={tmp_path}", "train.epochs=4", "train.max_failures=2",
+        [f"data.train={slow_dataset}", f"output_dir={tmp_path}", "train.epochs=5", "train.max_failures=2",
          "train.checkpoint_every_epochs=2", "train.tensorboard=true", *SLOW_RUN,
          *tracking_settings(mlflow_server_if_installed, experiment)],
     )  # fmt: skip
@@ -131,13 +131,14 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_session, mlflow_ser
     os.kill(workers[0].pid, signal.SIGKILL)
     runner.join(timeout=600)
     assert "result" in outcome, "training did not finish after the worker was killed"
-    assert history_epochs(tmp_path) == [1, 2, 3, 4]
-    assert [entry["epoch"] for entry in outcome["result"].history] == [1, 2, 3, 4]
-    assert checkpoint_epochs(tmp_path) == [2, 4]  # the restart began after epoch 2 and repeated only 3
+    assert history_epochs(tmp_path) == [1, 2, 3, 4, 5]
+    assert [entry["epoch"] for entry in outcome["result"].history] == [1, 2, 3, 4, 5]
+    # The restart began after epoch 2 and repeated only 3; every second epoch checkpoints, and the last.
+    assert checkpoint_epochs(tmp_path) == [2, 4, 5]
     # Each epoch once in TensorBoard too: the restart's file skips the steps the first one holds.
-    assert scalar_steps(tmp_path / "tensorboard" / "train")["loss"] == [1, 2, 3, 4]
+    assert scalar_steps(tmp_path / "tensorboard" / "train")["loss"] == [1, 2, 3, 4, 5]
     # And in MLflow: rank 0's restarted sink logs only the epochs the run does not hold yet.
-    assert_one_mlflow_run_with_each_epoch_once(mlflow_server_if_installed, experiment, tmp_path, 4)
+    assert_one_mlflow_run_with_each_epoch_once(mlflow_server_if_installed, experiment, tmp_path, 5)
     assert (tmp_path / "model" / "model.keras").is_file()
     assert (tmp_path / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
