@@ -1,6 +1,7 @@
 """The MLflow model registry against a real tracking server (tests/mlflow_server.py): trainings that
 register themselves (`tracking.register_as`), `imgcls promote` moving an alias, and predict
-following `models:/NAME@ALIAS` to the version it names, whether the artifact lives in MLflow or in a bucket."""
+following `models:/NAME@ALIAS` to the version it names, whether the artifact lives in MLflow or in a bucket.
+The bucket's training is also the one that shows no credential reaches MLflow and its outputs are linked."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import TEST_BUCKET, tiny_job_overrides
+from conftest import TEST_ACCESS_KEY, TEST_BUCKET, TEST_SECRET_KEY, tiny_job_overrides
 
 from imgcls import cli, train
 from imgcls.config import PredictConfig, load_job_config
 from imgcls.errors import ConfigError
+from imgcls.platform import storage
 
 
 def parquet_model_versions(output: Path) -> set[str]:
@@ -45,6 +47,8 @@ def test_register_promote_and_predict_follow_the_alias(
 ):
     from mlflow.tracking import MlflowClient
 
+    from imgcls.tracking.registry import register_artifact
+
     monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
     name = f"patterns-{uuid.uuid4().hex[:8]}"
     tracking = [f"tracking.mlflow_uri={mlflow_server}", f"tracking.register_as={name}", "tracking.experiment=registry"]
@@ -65,10 +69,20 @@ def test_register_promote_and_predict_follow_the_alias(
     assert version_two.source == f"{bucket_output}/model" and version_two.tags["model_version"] == second.model_version
     assert client.get_run(version_one.run_id).data.tags["imgcls.registered_as"] == f"models:/{name}/1"
 
-    # A rerun of the finished training registers nothing new.
-    again = train.run(load_job_config(None, [*tiny_job_overrides(pattern_dataset, local, epochs=1), *tracking]))
-    assert again.registered_as == f"models:/{name}/1"
-    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    # Registering a run's artifact again (a rerun of the finished training) gives the version it has.
+    again = register_artifact(client, name, version_one.run_id, storage.resolve(str(local)), first.model_version)
+    assert again.version == "1" and len(client.search_model_versions(f"name='{name}'")) == 2
+    # The bucket's run holds no credential (the suite's fake keys are in this process's environment and
+    # its Ray's), no storage.* param, and links its outputs instead of copying them.
+    run = client.get_run(version_two.run_id)
+    texts = [*run.data.params.keys(), *run.data.params.values(), *run.data.tags.keys(), *run.data.tags.values()]
+    assert not [text for text in texts if TEST_ACCESS_KEY in text or TEST_SECRET_KEY in text]
+    assert not [key for key in run.data.params if key.startswith("storage.")]
+    tags = run.data.tags
+    assert tags["imgcls.outputs"] == "linked" and tags["imgcls.artifact_uri"] == f"{bucket_output}/model"
+    assert tags["imgcls.history_uri"] == f"{bucket_output}/history.csv"
+    assert tags["imgcls.training_curves_uri"] == f"{bucket_output}/training_curves.png"
+    assert client.list_artifacts(run.info.run_id) == [] and run.info.status == "FINISHED"
 
     def predict(reference: str, output: Path) -> int:
         return cli.main(["predict", "--model", reference, "--input", str(pattern_holdout), "--output", str(output),

@@ -1,8 +1,9 @@
 """MLflow tracking of training against a real tracking server (tests/mlflow_server.py): what a run
-holds, that no credential reaches it, a server down at the start (exit 2) or lost mid-run (training
-finishes). A killed driver's rerun and a restarted worker continuing the same MLflow run are checked
-in the fault scenarios themselves (tests/test_fault_tolerance.py). A Ray Tune search: one parent
-run with each trial's run nested under it, the trials' outcomes, and a lost server costing one warning."""
+holds, a server down at the start (exit 2) or lost mid-run (training finishes), and a Ray Tune
+search as one parent run with each trial's run nested under it, the trials' outcomes, and a lost
+server costing one warning. Checked where the same trainings already run: no credential reaching
+MLflow and bucket outputs linked (tests/test_registry.py's bucket training), and a killed driver's
+rerun and a restarted worker continuing the same MLflow run (tests/test_fault_tolerance.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TEST_ACCESS_KEY, TEST_BUCKET, TEST_SECRET_KEY, free_port, tiny_job_overrides
+from conftest import REPO_ROOT, TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, tiny_job_overrides
 from mlflow_server import PER_EPOCH_METRICS, metric_steps, mlflow_client, recorded_run_id
 
 from imgcls import cli, train
@@ -128,32 +129,6 @@ def test_a_tracked_training_holds_its_params_metrics_tags_and_artifacts(ray_sess
     assert {"model/model.keras", "model/metadata.json"} <= {entry.path for entry in client.list_artifacts(run.info.run_id, "model")}
     downloaded = client.download_artifacts(run.info.run_id, "model/metadata.json", str(tmp_path / "downloaded"))
     assert json.loads(Path(downloaded).read_text())["model_version"] == result.model_version
-
-
-def test_no_credentials_reach_mlflow_and_bucket_outputs_are_linked(ray_session, mlflow_server, pattern_dataset, s3_endpoint):
-    import boto3
-
-    output = f"s3://{TEST_BUCKET}/tracking/{uuid.uuid4().hex}"
-    overrides = tiny_job_overrides(pattern_dataset, output, epochs=1)
-    # The suite's fake credentials are in this process's environment (and its Ray's).
-    config = load_job_config(
-        None, [*overrides, f"storage.endpoint_url={s3_endpoint}", f"tracking.mlflow_uri={mlflow_server}",
-               "tracking.experiment=credentials"],
-    )  # fmt: skip
-    train.run(config)
-    bucket, prefix = output.removeprefix("s3://").split("/", 1)
-    record = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=bucket, Key=f"{prefix}/tracking.json")
-    client = mlflow_client(mlflow_server)
-    run = client.get_run(json.loads(record["Body"].read())["run_id"])
-    texts = [*run.data.params.keys(), *run.data.params.values(), *run.data.tags.keys(), *run.data.tags.values()]
-    assert not [text for text in texts if TEST_ACCESS_KEY in text or TEST_SECRET_KEY in text]
-    assert not [key for key in run.data.params if key.startswith("storage.")]
-    tags = run.data.tags
-    assert tags["imgcls.outputs"] == "linked" and tags["imgcls.artifact_uri"] == f"{output}/model"
-    assert tags["imgcls.history_uri"] == f"{output}/history.csv"
-    assert tags["imgcls.training_curves_uri"] == f"{output}/training_curves.png"
-    assert client.list_artifacts(run.info.run_id) == []  # the bucket is the store: nothing copied
-    assert run.info.status == "FINISHED"
 
 
 def test_a_server_lost_mid_run_leaves_training_finishing(ray_session, pattern_dataset, tmp_path, caplog):
