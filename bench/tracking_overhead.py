@@ -32,6 +32,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+from job_process import run_training_job  # noqa: E402
+
 REQUEST_LINE = re.compile(r"MLflow: (\d+) epochs logged to run \S+ in the background, ([\d.]+) ms per request")
 
 
@@ -63,15 +67,7 @@ def training(data: Path, output: Path, epochs: int, tracking_uri: str | None) ->
     settings = [f"data.train={data}", f"train.epochs={epochs}", f"output_dir={output}"]
     if tracking_uri:
         settings += [f"tracking.mlflow_uri={tracking_uri}", "tracking.experiment=bench-tracking"]
-    command = [sys.executable, str(REPO / "jobs" / "train.py"), "--config", str(REPO / "examples/configs/digits.yaml"),
-               *[argument for setting in settings for argument in ("--set", setting)]]  # fmt: skip
-    environment = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    environment["PYTHONPATH"] = str(REPO)
-    started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=environment, cwd=REPO)
-    wall = time.perf_counter() - started
-    if completed.returncode != 0:
-        raise RuntimeError(completed.stderr[-3000:])
+    wall, completed = run_training_job(REPO, settings)
     with open(output / "history.csv") as handle:
         epoch_seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(handle)]
     result = {"wall_s": round(wall, 2), "median_epoch_s": statistics.median(epoch_seconds[1:]),

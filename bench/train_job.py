@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -25,6 +24,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from job_process import run_training_job  # noqa: E402
 RESULTS = HERE / "results"
 
 
@@ -46,15 +48,7 @@ def imgcls_job(repo: Path, data: Path, output: Path, arguments) -> dict:
     settings = [f"data.train={data}", f"data.image_size=[{arguments.image_size}, {arguments.image_size}]",
                 "data.channels=3", "data.val_fraction=0", f"train.epochs={arguments.epochs}",
                 f"train.batch_size={arguments.batch_size}", f"output_dir={output}", *arguments.set]  # fmt: skip
-    command = [sys.executable, str(repo / "jobs" / "train.py"), "--config", str(repo / "examples/configs/digits.yaml"),
-               *[argument for setting in settings for argument in ("--set", setting)]]  # fmt: skip
-    environment = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "IMGCLS_LOG_LEVEL")}
-    environment["PYTHONPATH"] = str(repo)
-    started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=environment, cwd=repo)
-    wall = time.perf_counter() - started
-    if completed.returncode != 0:
-        raise RuntimeError(completed.stderr[-3000:])
+    wall, completed = run_training_job(repo, settings)
     rates = []
     history = output / "history.csv"
     if history.exists():
