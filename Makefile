@@ -39,11 +39,11 @@ demo-multilabel: data-multilabel
 	$(BIN)/python jobs/evaluate.py --model runs/digits_multilabel/model \
 		--data examples/data/digits_multilabel/test.csv --output runs/digits_multilabel/evaluation
 
-# Four test processes, each module whole in one of them (its module fixtures made once; each process
+# Three test processes, each module whole in one of them (its module fixtures made once; each process
 # starts its own Ray and S3 endpoint when its tests need them): most of the suite waits on processes
 # and clusters, not on the CPU. The modules that train go first, longest first (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not long" -n 4 --dist loadfile
+	$(BIN)/python -m pytest tests -m "not long" -n 3 --dist loadfile
 
 # The scenarios too long for the suite's 20 minutes (see README, Development).
 test-long: $(STAMP)

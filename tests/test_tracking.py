@@ -131,33 +131,32 @@ def test_a_tracked_training_holds_its_params_metrics_tags_and_artifacts(ray_sess
     assert json.loads(Path(downloaded).read_text())["model_version"] == result.model_version
 
 
-def test_a_server_lost_mid_run_leaves_training_finishing(ray_session, pattern_dataset, tmp_path, caplog):
-    from mlflow_server import start_mlflow_server
+def test_a_server_lost_mid_run_leaves_training_finishing(ray_session, mlflow_server, pattern_dataset, tmp_path, caplog):
+    from fault_proxy import FaultProxy
 
-    server = start_mlflow_server(tmp_path / "mlflow")
-    output_dir = tmp_path / "run"
-    config = load_job_config(
-        None, [*tiny_job_overrides(pattern_dataset, output_dir, epochs=8), f"tracking.mlflow_uri={server.uri}"]
-    )
-    outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(result=train.run(config)), daemon=True)
-    try:
+    # The server goes away for this run only: every request through the proxy is reset from epoch 1 on.
+    with FaultProxy(mlflow_server) as proxy:
+        output_dir = tmp_path / "run"
+        config = load_job_config(
+            None, [*tiny_job_overrides(pattern_dataset, output_dir, epochs=8), f"tracking.mlflow_uri={proxy.url}"]
+        )
+        outcome: dict = {}
+        runner = threading.Thread(target=lambda: outcome.update(result=train.run(config)), daemon=True)
         with caplog.at_level(logging.WARNING, logger="imgcls"):
             runner.start()
-            client = mlflow_client(server.uri)
+            client = mlflow_client(mlflow_server)
             deadline = time.monotonic() + 300
             while not ((output_dir / "tracking.json").exists() and client.get_metric_history(recorded_run_id(output_dir), "loss")):
                 assert time.monotonic() < deadline and runner.is_alive(), "epoch 1 never reached MLflow"
                 time.sleep(0.05)
-            server.kill()
+            proxy.endpoint_down()
             runner.join(timeout=300)
-    finally:
-        server.kill()
+        assert proxy.faults, "no request reached the lost server"
     assert "result" in outcome, "training did not finish after its tracking server was lost"
     assert [entry["epoch"] for entry in outcome["result"].history] == list(range(1, 9))
     assert (output_dir / "model" / "metadata.json").is_file()
     warnings = [record for record in caplog.records if record.levelno >= logging.WARNING and "MLflow" in record.getMessage()]
-    assert len(warnings) == 1 and server.uri in warnings[0].getMessage(), [record.getMessage() for record in warnings]
+    assert len(warnings) == 1 and proxy.url in warnings[0].getMessage(), [record.getMessage() for record in warnings]
 
 
 def _trial_summary(trial_id: str, status: str, metric: float | None):
