@@ -165,18 +165,14 @@ def run(config: JobConfig, callbacks: list | None = None, plan_with_free_cpus: b
     plans with the cluster's total CPUs (`plan_with_free_cpus=False`): the search already gave it
     its share, and CPUs a stopped trial is still releasing are worth waiting for. `tracking_tags`
     go on the MLflow run besides its own (a trial's: its parent search run and name)."""
-    from imgcls.tracking.settings import tracking_uri
+    from imgcls.tracking.settings import check_registration, tracking_uri
 
     started = time.time()
     storage.configure(config.storage)
     output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)
     _check_resumable(output_dir, config)
     tracked = None
-    if config.tracking.register_as and tracking_uri(config.tracking) is None:
-        raise ConfigError(
-            f"tracking.register_as is {config.tracking.register_as}, but tracking is off: set tracking.mlflow_uri "
-            "(or MLFLOW_TRACKING_URI) to the MLflow server whose registry holds the model."
-        )
+    check_registration(config.tracking)
     if tracking_uri(config.tracking) is not None:  # MLflow is imported only then
         from imgcls.tracking.training_run import start_training_run
 

@@ -309,16 +309,12 @@ def run(config: JobConfig) -> TuneResult:
     """Search `config.tune.search_space`, then write the trials table, the metric plot,
     best_config.yaml and the best trial's artifact under output_dir; with tracking on
     (imgcls.tracking), in one MLflow run with each trial's run nested under it."""
-    from imgcls.tracking.settings import tracking_uri
+    from imgcls.tracking.settings import check_registration, tracking_uri
 
     if config.tune is None:
         raise ConfigError("jobs/tune.py needs a `tune:` section with at least `tune.search_space` (see README).")
     check_search_space(config)
-    if config.tracking.register_as and tracking_uri(config.tracking) is None:
-        raise ConfigError(
-            f"tracking.register_as is {config.tracking.register_as}, but tracking is off: set tracking.mlflow_uri "
-            "(or MLFLOW_TRACKING_URI). The search registers nothing itself; training its best_config.yaml does."
-        )
+    check_registration(config.tracking, " The search registers nothing itself; training its best_config.yaml does.")
     storage.configure(config.storage)
     config = resolve_metric(config)
     output_dir = storage.resolve(config.output_dir, config.storage.endpoint_url)

@@ -8,6 +8,7 @@ import os
 from pydantic import BaseModel
 
 from imgcls.config import DEFAULT_EXPERIMENT, TrackingConfig
+from imgcls.errors import ConfigError
 
 # MLflow's own variable: a team's server, set once for every tool.
 TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
@@ -28,3 +29,12 @@ def tracking_uri(config: TrackingConfig) -> str | None:
 def experiment_name(config: TrackingConfig) -> str:
     """`tracking.experiment` (load_job_config fills in the config file's name), else `imgcls`."""
     return config.experiment or DEFAULT_EXPERIMENT
+
+
+def check_registration(config: TrackingConfig, note: str = "") -> None:
+    """ConfigError (exit 2) for `tracking.register_as` without tracking: no registry to register in."""
+    if config.register_as and tracking_uri(config) is None:
+        raise ConfigError(
+            f"tracking.register_as is {config.register_as}, but tracking is off: set tracking.mlflow_uri (or "
+            f"{TRACKING_URI_VARIABLE}) to the MLflow server whose registry holds the model.{note}"
+        )
