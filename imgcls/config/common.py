@@ -121,12 +121,15 @@ class StorageConfig(StrictModel):
     @field_validator("endpoint_url")
     @classmethod
     def _no_credentials_in_url(cls, value: str | None) -> str | None:
-        if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
-            # Its own error type, so that format_validation_error never echoes the value: it holds a secret.
-            raise PydanticCustomError(
-                CREDENTIALS_ERROR_TYPE, "must not contain credentials; use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-            )
+        refuse_credentials_in_url(value, "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY")
         return value
+
+
+def refuse_credentials_in_url(value: str | None, instead: str) -> None:
+    """A URL with `user:password@` in its host part is refused, naming the variables to use `instead`."""
+    if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
+        # Its own error type, so that format_validation_error never echoes the value: it holds a secret.
+        raise PydanticCustomError(CREDENTIALS_ERROR_TYPE, f"must not contain credentials; use {instead}")
 
 
 def metric_mode(metric: str) -> Literal["min", "max"]:

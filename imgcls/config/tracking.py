@@ -4,9 +4,8 @@ tracking with MLflow). Imports no TensorFlow, Ray or MLflow."""
 from __future__ import annotations
 
 from pydantic import Field, field_validator
-from pydantic_core import PydanticCustomError
 
-from imgcls.config.common import CREDENTIALS_ERROR_TYPE, StrictModel
+from imgcls.config.common import StrictModel, refuse_credentials_in_url
 from imgcls.config.model_reference import check_model_name
 
 # Experiment of a run whose config came from no file (only --set overrides).
@@ -61,9 +60,5 @@ class TrackingConfig(StrictModel):
 def check_tracking_uri(value: str | None) -> str | None:
     """A tracking URI without credentials (None for empty). The resolved config is saved in output_dir
     and logged as params: a password in the URI would be too."""
-    if value and "@" in value.split("://", 1)[-1].split("/", 1)[0]:
-        raise PydanticCustomError(
-            CREDENTIALS_ERROR_TYPE,
-            "must not contain credentials; use MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN",
-        )
+    refuse_credentials_in_url(value, "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN")
     return value or None

@@ -155,9 +155,9 @@ def _cached_download(found: RegisteredVersion, uri: str) -> Path:
                 f"Version {found.version} of {found.name} ({clip(found.source)}) holds no imgcls artifact (no "
                 "metadata.json): register models with tracking.register_as."
             )
-        if folder.exists():
-            shutil.rmtree(folder)  # a stale copy of our own cache
-        folder.mkdir()
+        if artifact.exists():
+            shutil.rmtree(artifact)  # a stale copy this cache put there itself (its model_version differs)
+        folder.mkdir(exist_ok=True)
         os.replace(fetched, artifact)
     except UserError:
         raise
